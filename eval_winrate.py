@@ -10,7 +10,8 @@
 Both sides answer each prompt with the same sampling settings (greedy by default) and are scored by the same
 reward. Reported: win rate = wins / (wins + losses), ties counted but excluded; a Wilson 95% interval on it;
 mean reward of each side; the margin-weighted win rate. Writes <out>/per_prompt.jsonl (appended as it goes:
-a restarted run skips prompts already judged) and <out>/summary.json.
+a restarted run skips prompts already judged) and <out>/summary.json. One run at a time per --out (<out>/.lock); a
+rerun that judges other models, sampling or reward than those recorded in <out>/run_settings.json stops.
 """
 import argparse
 import json
@@ -22,10 +23,12 @@ from nanoalign.chat import load_chat
 from nanoalign.data import prompt_records, read_records
 from nanoalign.jsonl import ResumableJsonl
 from nanoalign.lora import load_merged
+from nanoalign.model import check_vocab
 from nanoalign.preferences import win_rate
 from nanoalign.reward import RewardServerError, load_reward
 from nanoalign.sampling import generate
-from nanoalign.train import DTYPES, Progress, one_line_errors
+from nanoalign.rundir import check_settings, lock_out_dir, settings_from
+from nanoalign.train import DTYPES, Progress, nonneg_float, nonneg_int, one_line_errors, positive_int
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,13 +43,13 @@ parser.add_argument("--tokenizer", default=None, help="default: --model-a (both 
 parser.add_argument("--prompts", default="HuggingFaceH4/ultrafeedback_binarized")
 parser.add_argument("--prompts-split", default="test_gen")
 parser.add_argument("--prompts-config", default=None)
-parser.add_argument("--max-prompts", type=int, default=0)
-parser.add_argument("--max-prompt-len", type=int, default=1024)
-parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+parser.add_argument("--max-prompts", type=nonneg_int, default=0)
+parser.add_argument("--max-prompt-len", type=positive_int, default=1024)
+parser.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
 parser.add_argument("--top-p", type=float, default=1.0)
 parser.add_argument("--top-k", type=int, default=0)
-parser.add_argument("--max-new-tokens", type=int, default=256)
-parser.add_argument("--batch-size", type=int, default=16)
+parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+parser.add_argument("--batch-size", type=positive_int, default=16)
 parser.add_argument("--reward", default="Skywork/Skywork-Reward-V2-Qwen3-0.6B", help="`toy`, an http(s) URL, or a reward model")
 parser.add_argument("--reward-model", default="nvidia/llama-3.1-nemotron-70b-reward")
 parser.add_argument("--reward-batch-size", type=int, default=8)
@@ -57,6 +60,8 @@ parser.add_argument("--tie-eps", type=float, default=0.0, help="|score A - score
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
+parser.add_argument("--overwrite", action="store_true",
+                    help="--out holds an earlier run: move its results to <out>/replaced-<time>/ and start fresh")
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
 one_line_errors(RewardServerError)
@@ -65,6 +70,13 @@ assert (args.model_b is None) != (args.responses_b is None), "give exactly one o
 
 device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 out = Path(args.out)
+lock_out_dir(out)
+# what a verdict on disk depends on (--max-prompts and --name-* may change between runs)
+check_settings(out, settings_from(
+    args, ["model_a", "adapter_a", "model_b", "adapter_b", "responses_b", "tokenizer", "prompts", "prompts_split",
+           "prompts_config", "max_prompt_len", "temperature", "top_p", "top_k", "max_new_tokens", "reward",
+           "tie_eps", "precision", "seed"]
+    + (["reward_model"] if args.reward.startswith(("http://", "https://")) else [])), args.overwrite)
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts)
 judged = ResumableJsonl(out / "per_prompt.jsonl")
 done = {row["prompt_id"] for row in judged.rows}
@@ -86,6 +98,9 @@ if todo:
     dtype = DTYPES[args.precision]
     model_a = load_merged(args.model_a, args.adapter_a, dtype=dtype, device=device)
     model_b = load_merged(args.model_b, args.adapter_b, dtype=dtype, device=device) if args.model_b else None
+    for path, model in ((args.model_a, model_a), (args.model_b, model_b)):
+        if model is not None:
+            check_vocab(chat.vocab_size, model.config, args.tokenizer or args.model_a, path)
     reward = load_reward(args.reward, device=device, batch_size=args.reward_batch_size, model=args.reward_model,
                          cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
                          timeout=args.reward_timeout, concurrency=args.reward_concurrency)

@@ -9,6 +9,8 @@
 Writes <out>/samples.jsonl (every scored completion, appended as it goes), <out>/pairs.jsonl (prompt, chosen,
 rejected, scores: train_dpo.py reads it) and <out>/summary.json. Killed and restarted with the same arguments, it
 skips the prompts already done; a failing reward endpoint stops it after its retries with everything so far on disk.
+One run at a time per --out (<out>/.lock); a rerun whose sampling or reward settings differ from those recorded in
+<out>/run_settings.json stops (--max-prompts, --min-gap, --drop-* and batch sizes may change between runs).
 Keep generation prompts apart from eval prompts (UltraFeedback: train_gen here, test_gen in eval_winrate.py).
 """
 import argparse
@@ -22,10 +24,12 @@ from nanoalign.chat import load_chat
 from nanoalign.data import prompt_records, read_records
 from nanoalign.jsonl import ResumableJsonl, write_jsonl
 from nanoalign.lora import load_merged
+from nanoalign.model import check_vocab
 from nanoalign.preferences import best_worst_pair
 from nanoalign.reward import RewardServerError, load_reward
 from nanoalign.sampling import generate
-from nanoalign.train import DTYPES, Progress, one_line_errors
+from nanoalign.rundir import check_settings, lock_out_dir, settings_from
+from nanoalign.train import DTYPES, Progress, nonneg_float, nonneg_int, one_line_errors, positive_int
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,14 +39,14 @@ parser.add_argument("--tokenizer", default=None, help="default: --model")
 parser.add_argument("--prompts", default="HuggingFaceH4/ultrafeedback_binarized", help="prompt source: file, dir or hub id")
 parser.add_argument("--prompts-split", default="train_gen")
 parser.add_argument("--prompts-config", default=None)
-parser.add_argument("--max-prompts", type=int, default=0, help="use the first this-many prompts (0 = all)")
-parser.add_argument("--max-prompt-len", type=int, default=1024, help="prompts keep their last this-many tokens")
-parser.add_argument("--n", type=int, default=4, help="samples per prompt")
-parser.add_argument("--temperature", type=float, default=0.8)
+parser.add_argument("--max-prompts", type=nonneg_int, default=0, help="use the first this-many prompts (0 = all)")
+parser.add_argument("--max-prompt-len", type=positive_int, default=1024, help="prompts keep their last this-many tokens")
+parser.add_argument("--n", type=positive_int, default=4, help="samples per prompt")
+parser.add_argument("--temperature", type=nonneg_float, default=0.8)
 parser.add_argument("--top-p", type=float, default=0.95)
 parser.add_argument("--top-k", type=int, default=0)
-parser.add_argument("--max-new-tokens", type=int, default=256)
-parser.add_argument("--batch-size", type=int, default=16, help="prompts per round of sampling and scoring")
+parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+parser.add_argument("--batch-size", type=positive_int, default=16, help="prompts per round of sampling and scoring")
 parser.add_argument("--reward", default="Skywork/Skywork-Reward-V2-Qwen3-0.6B",
                     help="`toy` (rule-based), an http(s) URL (OpenAI-compatible endpoint), or a reward model dir / hub id")
 parser.add_argument("--reward-model", default="nvidia/llama-3.1-nemotron-70b-reward", help="model name at the endpoint")
@@ -56,6 +60,8 @@ parser.add_argument("--drop-truncated", action="store_true", help="never use a c
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="model dtype for sampling")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
+parser.add_argument("--overwrite", action="store_true",
+                    help="--out holds an earlier run: move its results to <out>/replaced-<time>/ and start fresh")
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
 one_line_errors(RewardServerError)
@@ -63,6 +69,13 @@ one_line_errors(RewardServerError)
 
 device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 out = Path(args.out)
+lock_out_dir(out)
+# what the samples on disk depend on; --max-prompts (more prompts), --min-gap/--drop-* (pairs are rebuilt from the
+# samples) and batch sizes (other random draws from the same distribution) may change between runs
+check_settings(out, settings_from(
+    args, ["model", "adapter", "tokenizer", "prompts", "prompts_split", "prompts_config", "max_prompt_len", "n",
+           "temperature", "top_p", "top_k", "max_new_tokens", "reward", "precision", "seed"]
+    + (["reward_model"] if args.reward.startswith(("http://", "https://")) else [])), args.overwrite)
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts)
 
 # resume: prompts with all n samples on disk are done; a prompt with fewer (killed mid-way) is redone
@@ -79,6 +92,7 @@ print(f"{len(prompts)} prompts: {len(done)} done before, {len(todo)} to sample")
 if todo:
     model = load_merged(args.model, args.adapter, dtype=DTYPES[args.precision], device=device)
     chat = load_chat(args.tokenizer or args.model)
+    check_vocab(chat.vocab_size, model.config, args.tokenizer or args.model, args.model)
     reward = load_reward(args.reward, device=device, batch_size=args.reward_batch_size, model=args.reward_model,
                          cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
                          timeout=args.reward_timeout, concurrency=args.reward_concurrency)

@@ -10,8 +10,10 @@ A second round on synthetic pairs, a new adapter stacked on the first (frozen):
 
 Policy = --model + earlier adapters (frozen) + a new LoRA adapter. Reference = the same model with only the new adapter
 switched off (no second copy in memory), or a separate --ref model, or log-probs precomputed once (--precompute-ref)
-so a step needs no reference forward at all. Writes <out>/metrics.jsonl, <out>/ckpt-<step>/, <out>/final/ (the new
-adapter in PEFT layout) and, with --merge, <out>/merged/ (an HF model dir with every adapter folded in).
+so a step needs no reference forward at all. Writes <out>/metrics.jsonl, <out>/ckpt-<step>/ (the newest
+--keep-checkpoints of them are kept), <out>/final/ (the new adapter in PEFT layout) and, with --merge, <out>/merged/
+(an HF model dir with every adapter folded in). One run at a time per --out (<out>/.lock); <out>/run_settings.json
+records the settings a rerun or --resume must share.
 """
 import argparse
 import hashlib
@@ -25,11 +27,13 @@ from nanoalign.chat import load_chat
 from nanoalign.data import mix, preference_batch, preference_examples, read_records, shard, split_holdout, step_batches
 from nanoalign.lora import adapters_disabled, add_lora, describe, load_adapter, load_merged, save_adapter
 from nanoalign.losses import dpo_loss, dpo_metrics, sequence_logps
-from nanoalign.model import load_model, resolve_model_dir, save_model
+from nanoalign.model import check_vocab, load_model, resolve_model_dir, save_model
+from nanoalign.rundir import (check_settings, checkpoint, lock_out_dir, settings_from, torch_load_or_none, torch_save,
+                              write_text)
 from nanoalign.train import (DTYPES, MetricsLog, Progress, all_reduce_sum, autocast, cleanup_distributed,
-                             load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync, one_line_errors,
-                             optimizer_step, print0, resolve_resume, save_train_state, set_lr, setup_distributed,
-                             wrap_ddp)
+                             load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync, nonneg_float,
+                             nonneg_int, one_line_errors, optimizer_step, positive_float, positive_int, print0,
+                             resolve_resume, save_train_state, set_lr, setup_distributed, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,10 +45,10 @@ parser.add_argument("--data-weights", default=None, help="comma-separated mixing
 parser.add_argument("--data-split", default="train")
 parser.add_argument("--data-config", default=None)
 parser.add_argument("--out", required=True)
-parser.add_argument("--max-len", type=int, default=1024, help="longest prompt + response in tokens")
+parser.add_argument("--max-len", type=positive_int, default=1024, help="longest prompt + response in tokens")
 parser.add_argument("--max-prompt-len", type=int, default=512, help="prompts keep their last this-many tokens")
 parser.add_argument("--eval-frac", type=float, default=0.02)
-parser.add_argument("--beta", type=float, default=0.1)
+parser.add_argument("--beta", type=positive_float, default=0.1)
 parser.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid")
 parser.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO (sigmoid only)")
 parser.add_argument("--sft-weight", type=float, default=0.0, help="add this x NLL of the chosen responses (keeps chosen log-probs up)")
@@ -54,25 +58,31 @@ parser.add_argument("--lora-r", type=int, default=8)
 parser.add_argument("--lora-alpha", type=float, default=16)
 parser.add_argument("--lora-dropout", type=float, default=0.0)
 parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-parser.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch per rank")
-parser.add_argument("--grad-accum", type=int, default=1)
-parser.add_argument("--epochs", type=float, default=1.0)
-parser.add_argument("--max-steps", type=int, default=0)
-parser.add_argument("--lr", type=float, default=5e-5)
-parser.add_argument("--min-lr-ratio", type=float, default=0.0)
+parser.add_argument("--batch-size", type=positive_int, default=4, help="pairs per micro-batch per rank")
+parser.add_argument("--grad-accum", type=positive_int, default=1)
+parser.add_argument("--epochs", type=positive_float, default=1.0)
+parser.add_argument("--max-steps", type=nonneg_int, default=0, help="optimizer steps (overrides --epochs)")
+parser.add_argument("--lr", type=positive_float, default=5e-5)
+parser.add_argument("--min-lr-ratio", type=nonneg_float, default=0.0)
 parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
-parser.add_argument("--warmup-steps", type=int, default=0)
-parser.add_argument("--weight-decay", type=float, default=0.0)
-parser.add_argument("--clip", type=float, default=1.0)
+parser.add_argument("--warmup-steps", type=nonneg_int, default=0)
+parser.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+parser.add_argument("--clip", type=nonneg_float, default=1.0)
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
 parser.add_argument("--base-dtype", choices=["auto", "fp32", "bf16"], default="auto",
                     help="dtype of the frozen base (auto: bf16 under bf16 autocast; adapters always train in fp32)")
 parser.add_argument("--grad-ckpt", action="store_true")
 parser.add_argument("--compile", action="store_true")
 parser.add_argument("--chunk-size", type=int, default=1024)
-parser.add_argument("--eval-every", type=int, default=100)
-parser.add_argument("--save-every", type=int, default=500)
-parser.add_argument("--resume", default=None, help="a ckpt-<step> dir, or `auto`")
+parser.add_argument("--eval-every", type=nonneg_int, default=100)
+parser.add_argument("--save-every", type=nonneg_int, default=500)
+parser.add_argument("--keep-checkpoints", type=nonneg_int, default=2,
+                    help="keep the newest N complete ckpt-<step> dirs (0 = all). Each holds only the new adapter and "
+                         "its two fp32 AdamW moments per rank: 12 bytes an adapter parameter (Qwen2.5-0.5B at r 8: "
+                         "53 MB; 7B: 0.24 GB)")
+parser.add_argument("--resume", default=None, help="a ckpt-<step> dir, or `auto` for the newest complete one in --out")
+parser.add_argument("--overwrite", action="store_true",
+                    help="--out holds an earlier run: move its results to <out>/replaced-<time>/ and start fresh")
 parser.add_argument("--merge", action="store_true", help="also write <out>/merged, an HF model dir with adapters folded in")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default=None)
@@ -83,6 +93,17 @@ one_line_errors()
 d = setup_distributed(args.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
+lock_out_dir(out, d.device)
+# what defines the results; a rerun or --resume with other values stops (see README "Runs that survive")
+check_settings(out, settings_from(
+    args, ["model", "adapter", "tokenizer", "data", "data_weights", "data_split", "data_config", "max_len",
+           "max_prompt_len", "eval_frac", "beta", "loss_type", "label_smoothing", "sft_weight", "ref", "lora_r",
+           "lora_alpha", "lora_dropout", "lora_targets", "lr", "min_lr_ratio", "schedule", "warmup_steps",
+           "weight_decay", "clip", "precision", "base_dtype", "seed"]
+    # the LR schedule stretches over the run's length; a constant LR does not depend on it, so it may be extended
+    + ([] if args.schedule == "constant" else ["max_steps"] if args.max_steps else ["epochs"]),
+    **{"global batch (--batch-size x --grad-accum x ranks)": args.batch_size * args.grad_accum * d.world}),
+    args.overwrite, keep=["ref_logps.pt"])  # keyed by its own fingerprint: reused when the reference is the same
 model_dir = resolve_model_dir(args.model)
 chat = load_chat(args.tokenizer or model_dir)
 
@@ -110,6 +131,7 @@ resume_dir = resolve_resume(args.resume, out)
 base_dtype = DTYPES["bf16" if args.base_dtype == "auto" and args.precision == "bf16" else
                     "fp32" if args.base_dtype == "auto" else args.base_dtype]
 model = load_model(model_dir, dtype=base_dtype, device=d.device)
+check_vocab(chat.vocab_size, model.config, args.tokenizer or args.model, args.model)
 for i, path in enumerate(args.adapter):
     load_adapter(model, path, name=f"round{i}", trainable=False)
 if resume_dir:
@@ -155,8 +177,8 @@ def precompute_reference(examples, path):
                        ref=args.ref, max_len=args.max_len, max_prompt_len=args.max_prompt_len,
                        precision=args.precision, base_dtype=str(base_dtype), weights=[weights_stamp(p) for p in
                                                           [model_dir, *args.adapter, *([args.ref] if args.ref else [])]])
-    if path.exists():
-        cached = torch.load(path, weights_only=False)
+    cached = torch_load_or_none(path)  # a file torn by a kill or a full disk reads as None: recomputed
+    if cached is not None:
         if cached["fingerprint"] == fingerprint and all(pair_key(ex) in cached["logps"] for ex in examples):
             print0(f"reference log-probs from {path}")
             return cached["logps"]
@@ -182,7 +204,7 @@ def precompute_reference(examples, path):
         logps[pair_key(ex)] = tuple(reference_logps(ids, mask).tolist())
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"fingerprint": fingerprint, "logps": logps}, path)
+        torch_save({"fingerprint": fingerprint, "logps": logps}, path)
     return logps
 
 
@@ -233,18 +255,16 @@ def evaluate():
 
 
 def save(name, final=False):
-    ckpt = out / name
-    if d.is_main:
-        save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
-        (ckpt / "nanoalign_stack.json").write_text(json.dumps({"base": args.model, "below": args.adapter}, indent=2))
-    if not final:
-        save_train_state(ckpt, optimizer, scaler, step, args=vars(args))
-    if d.world > 1:
-        torch.distributed.barrier()
+    with checkpoint(out / name, args.keep_checkpoints, final) as ckpt:
+        if d.is_main:
+            save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
+            write_text(ckpt / "nanoalign_stack.json", json.dumps({"base": args.model, "below": args.adapter}, indent=2))
+        if not final:
+            save_train_state(ckpt, optimizer, scaler, step, args=vars(args))
     print0(f"saved {ckpt}")
 
 
-metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
+metrics = MetricsLog(out / "metrics.jsonl", d.is_main, start_step=step)
 progress = Progress(total_steps, "dpo", d.is_main, start=step)
 steps = step_batches([len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) for ex in train_set],
                      args.batch_size, args.grad_accum, d.rank, d.world, args.seed, start_step=step)

@@ -7,7 +7,9 @@ Three GPUs:
 
 The global batch is batch_size x grad_accum x world_size conversations; the loss is the mean over every assistant
 token of that global batch. Writes <out>/metrics.jsonl, <out>/ckpt-<step>/ (HF model dir + train state to
---resume from) and <out>/final/ (HF model dir, or a LoRA adapter with --lora).
+--resume from; the newest --keep-checkpoints of them are kept) and <out>/final/ (HF model dir, or a LoRA adapter
+with --lora). One run at a time per --out (<out>/.lock); <out>/run_settings.json records the settings a rerun or
+--resume must share.
 """
 import argparse
 import time
@@ -18,10 +20,12 @@ import torch
 from nanoalign.chat import load_chat
 from nanoalign.data import pad_right, read_records, sft_batches, sft_examples, shard, split_holdout, step_batches
 from nanoalign.losses import masked_logps, sft_loss
-from nanoalign.model import load_model, resolve_model_dir, save_model
+from nanoalign.model import check_vocab, load_model, resolve_model_dir, save_model
+from nanoalign.rundir import check_settings, checkpoint, lock_out_dir, settings_from
 from nanoalign.train import (MetricsLog, Progress, all_reduce_sum, autocast, cleanup_distributed, load_train_state,
-                             lr_at, make_optimizer, make_scaler, maybe_no_sync, one_line_errors, optimizer_step,
-                             print0, resolve_resume, save_train_state, set_lr, setup_distributed, wrap_ddp)
+                             lr_at, make_optimizer, make_scaler, maybe_no_sync, nonneg_float, nonneg_int,
+                             one_line_errors, optimizer_step, positive_float, positive_int, print0, resolve_resume,
+                             save_train_state, set_lr, setup_distributed, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,19 +35,19 @@ parser.add_argument("--data", required=True, help="JSONL/JSON/parquet file or di
 parser.add_argument("--data-split", default="train")
 parser.add_argument("--data-config", default=None, help="hub dataset config, e.g. `all` for HuggingFaceTB/smoltalk")
 parser.add_argument("--out", required=True, help="output dir")
-parser.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens")
+parser.add_argument("--max-len", type=positive_int, default=2048, help="longest conversation in tokens")
 parser.add_argument("--truncation", choices=["drop", "cut"], default="drop", help="what to do with longer ones")
 parser.add_argument("--eval-frac", type=float, default=0.02, help="share of conversations held out for eval loss")
-parser.add_argument("--batch-size", type=int, default=8, help="conversations per micro-batch per rank")
-parser.add_argument("--grad-accum", type=int, default=1)
-parser.add_argument("--epochs", type=float, default=1.0)
-parser.add_argument("--max-steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
-parser.add_argument("--lr", type=float, default=2e-5)
-parser.add_argument("--min-lr-ratio", type=float, default=0.0)
+parser.add_argument("--batch-size", type=positive_int, default=8, help="conversations per micro-batch per rank")
+parser.add_argument("--grad-accum", type=positive_int, default=1)
+parser.add_argument("--epochs", type=positive_float, default=1.0)
+parser.add_argument("--max-steps", type=nonneg_int, default=0, help="optimizer steps (overrides --epochs)")
+parser.add_argument("--lr", type=positive_float, default=2e-5)
+parser.add_argument("--min-lr-ratio", type=nonneg_float, default=0.0)
 parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
-parser.add_argument("--warmup-steps", type=int, default=0)
-parser.add_argument("--weight-decay", type=float, default=0.0)
-parser.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+parser.add_argument("--warmup-steps", type=nonneg_int, default=0)
+parser.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+parser.add_argument("--clip", type=nonneg_float, default=1.0, help="max gradient norm (0 = off)")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype")
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -53,9 +57,15 @@ parser.add_argument("--lora-r", type=int, default=16)
 parser.add_argument("--lora-alpha", type=float, default=32)
 parser.add_argument("--lora-dropout", type=float, default=0.05)
 parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-parser.add_argument("--eval-every", type=int, default=100, help="steps between eval losses (0 = only at the end)")
-parser.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0 = only final)")
-parser.add_argument("--resume", default=None, help="a ckpt-<step> dir, or `auto` for the newest in --out")
+parser.add_argument("--eval-every", type=nonneg_int, default=100, help="steps between eval losses (0 = only at the end)")
+parser.add_argument("--save-every", type=nonneg_int, default=500, help="steps between checkpoints (0 = only final)")
+parser.add_argument("--keep-checkpoints", type=nonneg_int, default=2,
+                    help="keep the newest N complete ckpt-<step> dirs (0 = all). Each costs the fp32 weights plus "
+                         "AdamW's two fp32 moments per rank: 12 bytes a parameter on one GPU (Qwen2.5-0.5B 5.9 GB, "
+                         "7B 91 GB); with --lora only the adapter and its moments (0.5B at r 16: 0.1 GB)")
+parser.add_argument("--resume", default=None, help="a ckpt-<step> dir, or `auto` for the newest complete one in --out")
+parser.add_argument("--overwrite", action="store_true",
+                    help="--out holds an earlier run: move its results to <out>/replaced-<time>/ and start fresh")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 args = parser.parse_args()
@@ -65,6 +75,16 @@ one_line_errors()
 d = setup_distributed(args.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
+lock_out_dir(out, d.device)
+# what defines the results; a rerun or --resume with other values stops (see README "Runs that survive")
+check_settings(out, settings_from(
+    args, ["model", "tokenizer", "data", "data_split", "data_config", "max_len", "truncation", "eval_frac", "lr",
+           "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "clip", "precision", "lora", "seed"]
+    + (["lora_r", "lora_alpha", "lora_dropout", "lora_targets"] if args.lora else [])
+    # the LR schedule stretches over the run's length; a constant LR does not depend on it, so it may be extended
+    + ([] if args.schedule == "constant" else ["max_steps"] if args.max_steps else ["epochs"]),
+    **{"global batch (--batch-size x --grad-accum x ranks)": args.batch_size * args.grad_accum * d.world}),
+    args.overwrite)
 model_dir = resolve_model_dir(args.model)
 chat = load_chat(args.tokenizer or model_dir)
 
@@ -82,6 +102,7 @@ print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval conversations; 
 # model (fp32 master weights; autocast does the matmuls in bf16/fp16)
 resume_dir = resolve_resume(args.resume, out)
 model = load_model(resume_dir if resume_dir and not args.lora else model_dir, device=d.device)
+check_vocab(chat.vocab_size, model.config, args.tokenizer or args.model, args.model)
 if args.lora:
     from nanoalign.lora import add_lora, describe, load_adapter
     if resume_dir:
@@ -125,21 +146,19 @@ def evaluate():
 
 
 def save(name, final=False):
-    ckpt = out / name
-    if d.is_main:
-        if args.lora:
-            from nanoalign.lora import save_adapter
-            save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
-        else:
-            save_model(model, ckpt, tokenizer_from=model_dir)
-    if not final:
-        save_train_state(ckpt, optimizer, scaler, step, args=vars(args))
-    if d.world > 1:
-        torch.distributed.barrier()
+    with checkpoint(out / name, args.keep_checkpoints, final) as ckpt:
+        if d.is_main:
+            if args.lora:
+                from nanoalign.lora import save_adapter
+                save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
+            else:
+                save_model(model, ckpt, tokenizer_from=model_dir)
+        if not final:
+            save_train_state(ckpt, optimizer, scaler, step, args=vars(args))
     print0(f"saved {ckpt}")
 
 
-metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
+metrics = MetricsLog(out / "metrics.jsonl", d.is_main, start_step=step)
 progress = Progress(total_steps, "sft", d.is_main, start=step)
 steps = step_micro_batches(start_step=step)
 while step < total_steps:

@@ -190,4 +190,8 @@ def load_chat(path_or_hub_id, default_system: str | None = QWEN_SYSTEM) -> Chat:
         except Exception as e:  # offline, no such repo, no such file: one line, not a 40-line traceback
             raise FileNotFoundError(f"{name}: not a local dir and tokenizer.json not available from the hub "
                                     f"({type(e).__name__})") from e
-    return Chat(Tokenizer.from_file(str(path)), default_system=default_system)
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception for malformed JSON or a foreign format
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+    return Chat(tokenizer, default_system=default_system)

@@ -14,6 +14,7 @@ import json
 import math
 import random
 import re
+import shutil
 import threading
 from types import SimpleNamespace
 
@@ -189,6 +190,30 @@ def test_a_killed_run_redoes_the_partial_prompt(setup, toy_run, tmp_path):
     assert not (out / "samples.tmp").exists()
 
 
+def test_a_rerun_with_other_settings(setup, toy_run, tmp_path):
+    """Another --n stops with one line and touches nothing (it used to rewrite samples.jsonl to 0 rows); --min-gap
+    only rebuilds the pairs, so it may change; --overwrite moves the earlier run aside and starts fresh."""
+    out = tmp_path / "rerun"
+    shutil.copytree(toy_run, out)
+    samples = (out / "samples.jsonl").read_bytes()
+    proc = gen(setup, out, *TOY_ARGS, "--n", 2, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"error: {out} holds a run with other settings: --n 2 (was 3); use another --out, or --overwrite to move its "
+        f"results to {out}/replaced-<time>/ and start fresh")
+    assert (out / "samples.jsonl").read_bytes() == samples
+
+    proc = gen(setup, out, *TOY_ARGS, "--min-gap", 0.9)
+    assert "8 prompts: 8 done before, 0 to sample" in proc.stdout and (out / "samples.jsonl").read_bytes() == samples
+
+    proc = gen(setup, out, *TOY_ARGS, "--n", 2, "--overwrite")
+    assert "8 prompts: 0 done before, 8 to sample" in proc.stdout
+    (backup,) = out.glob("replaced-*")
+    assert (backup / "samples.jsonl").read_bytes() == samples
+    prompt_ids = groups(read_rows(backup / "samples.jsonl"))
+    assert Counter(r["prompt_id"] for r in read_rows(out / "samples.jsonl")) == {pid: 2 for pid in prompt_ids}
+
+
 # -----------------------------------------------------------------------------
 # gen_synthetic.py against an HTTP reward endpoint that fails, then recovers
 
@@ -309,6 +334,11 @@ def test_eval_model_vs_model_and_rerun(setup, tmp_path):
     judged, verdict = (out / "per_prompt.jsonl").read_bytes(), (out / "summary.json").read_bytes()
     proc = evaluate(setup, out, "--model-b", setup["seven"], "--name-b", "sevens")
     assert "8 prompts: 8 judged before, 0 to go" in proc.stdout
+    assert (out / "per_prompt.jsonl").read_bytes() == judged and (out / "summary.json").read_bytes() == verdict
+    # another model B into the same --out: its verdicts would be the old model's; it stops, naming the flag
+    proc = evaluate(setup, out, "--model-b", setup["policy"], "--name-b", "sevens", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"--model-b {str(setup['policy'])!r} (was {str(setup['seven'])!r})" in proc.stderr.splitlines()[-1]
     assert (out / "per_prompt.jsonl").read_bytes() == judged and (out / "summary.json").read_bytes() == verdict
 
 

@@ -209,13 +209,13 @@ def test_precomputed_reference(setup, small, tmp_path):
     nearest = (expected[:, None, :] - cached[None, :, :]).abs().amax(-1).amin(-1)  # [n]
     assert nearest.max().item() < 1e-4
 
-    # reused as is by a 1-rank run
-    proc = dpo(setup, out, "--max-steps", 1, "--eval-frac", 0.05, "--batch-size", 4, "--precompute-ref")
+    # reused as is by a 1-rank run (other settings: --overwrite moves the earlier run aside, the cache stays)
+    proc = dpo(setup, out, "--max-steps", 1, "--eval-frac", 0.05, "--batch-size", 4, "--precompute-ref", "--overwrite")
     assert f"reference log-probs from {out / 'ref_logps.pt'}" in proc.stdout and "stale" not in proc.stdout
     assert read_metrics(out)[-1]["loss"] == pytest.approx(LN2, abs=1e-5)
     # another --max-len is another truncation: recomputed
     proc = dpo(setup, out, "--max-steps", 1, "--eval-frac", 0.05, "--batch-size", 4, "--precompute-ref",
-               "--max-len", 768)
+               "--max-len", 768, "--overwrite")
     assert "stale" in proc.stdout and "reference log-probs from" not in proc.stdout, proc.stdout
     assert read_metrics(out)[-1]["loss"] == pytest.approx(LN2, abs=1e-5)
 
@@ -257,8 +257,8 @@ def test_precompute_notices_a_retrained_adapter(setup, learned, small, tmp_path)
     shutil.copy(small / "big" / "final" / "adapter_model.safetensors", r1 / "adapter_model.safetensors")
     proc = dpo(setup, tmp_path / "r2", *args)
     assert "stale" in proc.stdout, proc.stdout
-    rows = read_metrics(tmp_path / "r2")
-    assert len(rows) == 2 and rows[1]["loss"] == pytest.approx(LN2, abs=1e-5)
+    rows = read_metrics(tmp_path / "r2")  # the rerun started at step 0 again: its row replaced the first run's
+    assert len(rows) == 1 and rows[0]["loss"] == pytest.approx(LN2, abs=1e-5)
 
 
 def test_sft_term_and_loss_types(setup, small, tmp_path):
