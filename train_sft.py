@@ -17,6 +17,7 @@ import torch
 
 from nanoalign.chat import load_chat
 from nanoalign.data import pad_right, read_records, sft_batches, sft_examples, shard, split_holdout, step_batches
+from nanoalign.errors import InputError
 from nanoalign.losses import masked_logps, sft_loss
 from nanoalign.model import load_model, resolve_model_dir, save_model
 from nanoalign.train import (MetricsLog, Progress, all_reduce_sum, autocast, cleanup_distributed, load_train_state,
@@ -75,7 +76,9 @@ print0(f"data: {stats}")
 train_set, eval_set = split_holdout(examples, args.eval_frac, args.seed) if args.eval_frac > 0 else (examples, [])
 eval_set = shard(eval_set, d.rank, d.world) if len(eval_set) >= d.world else []
 steps_per_epoch = len(train_set) // (args.batch_size * args.grad_accum * d.world)
-assert steps_per_epoch > 0, f"{len(train_set)} conversations are fewer than one global batch"
+if steps_per_epoch == 0:
+    raise InputError(f"{len(train_set)} conversations are fewer than one global batch "
+                     f"(--batch-size x --grad-accum x world size)")
 total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
 print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval conversations; {total_steps} steps")
 
