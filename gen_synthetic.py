@@ -28,7 +28,7 @@ from nanoalign.model import check_vocab
 from nanoalign.preferences import best_worst_pair
 from nanoalign.reward import RewardServerError, load_reward
 from nanoalign.sampling import generate
-from nanoalign.rundir import check_settings, lock_out_dir, settings_from
+from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
 from nanoalign.train import DTYPES, Progress, nonneg_float, nonneg_int, one_line_errors, positive_int
 
 # -----------------------------------------------------------------------------
@@ -60,8 +60,7 @@ parser.add_argument("--drop-truncated", action="store_true", help="never use a c
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="model dtype for sampling")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
-parser.add_argument("--overwrite", action="store_true",
-                    help="--out holds an earlier run: move its results to <out>/replaced-<time>/ and start fresh")
+add_flags(parser)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
 one_line_errors(RewardServerError)

@@ -25,11 +25,12 @@ import torch
 
 from nanoalign.chat import load_chat
 from nanoalign.data import mix, preference_batch, preference_examples, read_records, shard, split_holdout, step_batches
+from nanoalign.errors import InputError
 from nanoalign.lora import adapters_disabled, add_lora, describe, load_adapter, load_merged, save_adapter
 from nanoalign.losses import dpo_loss, dpo_metrics, sequence_logps
 from nanoalign.model import check_vocab, load_model, resolve_model_dir, save_model
-from nanoalign.rundir import (check_settings, checkpoint, lock_out_dir, settings_from, torch_load_or_none, torch_save,
-                              write_text)
+from nanoalign.rundir import (add_flags, check_settings, checkpoint, lock_out_dir, settings_from, torch_load_or_none,
+                              torch_save, write_text)
 from nanoalign.train import (DTYPES, MetricsLog, Progress, all_reduce_sum, autocast, cleanup_distributed,
                              load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync, nonneg_float,
                              nonneg_int, one_line_errors, optimizer_step, positive_float, positive_int, print0,
@@ -76,13 +77,8 @@ parser.add_argument("--compile", action="store_true")
 parser.add_argument("--chunk-size", type=int, default=1024)
 parser.add_argument("--eval-every", type=nonneg_int, default=100)
 parser.add_argument("--save-every", type=nonneg_int, default=500)
-parser.add_argument("--keep-checkpoints", type=nonneg_int, default=2,
-                    help="keep the newest N complete ckpt-<step> dirs (0 = all). Each holds only the new adapter and "
-                         "its two fp32 AdamW moments per rank: 12 bytes an adapter parameter (Qwen2.5-0.5B at r 8: "
-                         "53 MB; 7B: 0.24 GB)")
-parser.add_argument("--resume", default=None, help="a ckpt-<step> dir, or `auto` for the newest complete one in --out")
-parser.add_argument("--overwrite", action="store_true",
-                    help="--out holds an earlier run: move its results to <out>/replaced-<time>/ and start fresh")
+add_flags(parser, "Each holds only the new adapter and its two fp32 AdamW moments per rank: 12 bytes an adapter "
+                  "parameter (Qwen2.5-0.5B at r 8: 53 MB; 7B: 0.24 GB)")
 parser.add_argument("--merge", action="store_true", help="also write <out>/merged, an HF model dir with adapters folded in")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default=None)
@@ -115,12 +111,15 @@ for source in args.data:
     print0(f"{source}: {stats}")
     sources.append(examples)
 weights = [float(w) for w in args.data_weights.split(",")] if args.data_weights else [1.0] * len(sources)
-assert len(weights) == len(sources), f"--data-weights has {len(weights)} values for {len(sources)} --data sources"
+if len(weights) != len(sources):
+    raise InputError(f"--data-weights has {len(weights)} values for {len(sources)} --data sources")
 pairs = mix(sources, weights, args.seed)
 train_set, eval_pairs = split_holdout(pairs, args.eval_frac, args.seed) if args.eval_frac > 0 else (pairs, [])
 eval_set = shard(eval_pairs, d.rank, d.world) if len(eval_pairs) >= d.world else []
 steps_per_epoch = len(train_set) // (args.batch_size * args.grad_accum * d.world)
-assert steps_per_epoch > 0, f"{len(train_set)} pairs are fewer than one global batch"
+if steps_per_epoch == 0:
+    raise InputError(f"{len(train_set)} pairs are fewer than one global batch "
+                     f"(--batch-size x --grad-accum x world size)")
 total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
 print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval pairs; {total_steps} steps")
 

@@ -5,11 +5,12 @@ One GPU or CPU:
 Three GPUs:
     torchrun --nproc_per_node=3 train_sft.py --model Qwen/Qwen2.5-0.5B --data HuggingFaceTB/smol-smoltalk --out runs/sft
 
-The global batch is batch_size x grad_accum x world_size conversations; the loss is the mean over every assistant
-token of that global batch. Writes <out>/metrics.jsonl, <out>/ckpt-<step>/ (HF model dir + train state to
---resume from; the newest --keep-checkpoints of them are kept) and <out>/final/ (HF model dir, or a LoRA adapter
-with --lora). One run at a time per --out (<out>/.lock); <out>/run_settings.json records the settings a rerun or
---resume must share.
+Conversations are packed into rows of --max-len tokens (--no-pack: one right-padded conversation a row), each
+attending only to itself. The global batch is batch_size x grad_accum x world_size rows (conversations with
+--no-pack); the loss is the mean over every assistant token of that global batch.
+Writes <out>/metrics.jsonl, <out>/ckpt-<step>/ (HF model dir + train state to --resume from; the newest
+--keep-checkpoints of them are kept) and <out>/final/ (HF model dir, or a LoRA adapter with --lora). One run at a
+time per --out (<out>/.lock); <out>/run_settings.json records the settings a rerun or --resume must share.
 """
 import argparse
 import time
@@ -18,10 +19,12 @@ from pathlib import Path
 import torch
 
 from nanoalign.chat import load_chat
-from nanoalign.data import pad_right, read_records, sft_batches, sft_examples, shard, split_holdout, step_batches
+from nanoalign.data import (pack, packed_batch, pad_right, read_records, sft_batches, sft_examples, shard,
+                            split_holdout, step_batches)
+from nanoalign.errors import InputError
 from nanoalign.losses import masked_logps, sft_loss
-from nanoalign.model import check_vocab, load_model, resolve_model_dir, save_model
-from nanoalign.rundir import check_settings, checkpoint, lock_out_dir, settings_from
+from nanoalign.model import PACKED_ATTENTION, check_vocab, load_model, resolve_model_dir, save_model
+from nanoalign.rundir import add_flags, check_settings, checkpoint, lock_out_dir, settings_from
 from nanoalign.train import (MetricsLog, Progress, all_reduce_sum, autocast, cleanup_distributed, load_train_state,
                              lr_at, make_optimizer, make_scaler, maybe_no_sync, nonneg_float, nonneg_int,
                              one_line_errors, optimizer_step, positive_float, positive_int, print0, resolve_resume,
@@ -38,7 +41,13 @@ parser.add_argument("--out", required=True, help="output dir")
 parser.add_argument("--max-len", type=positive_int, default=2048, help="longest conversation in tokens")
 parser.add_argument("--truncation", choices=["drop", "cut"], default="drop", help="what to do with longer ones")
 parser.add_argument("--eval-frac", type=float, default=0.02, help="share of conversations held out for eval loss")
-parser.add_argument("--batch-size", type=positive_int, default=8, help="conversations per micro-batch per rank")
+parser.add_argument("--batch-size", type=positive_int, default=8,
+                    help="packed rows of --max-len tokens (conversations with --no-pack) per micro-batch per rank")
+parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                    help="pack conversations into rows of --max-len tokens (default), or --no-pack: pad each one")
+parser.add_argument("--pack-attn", choices=PACKED_ATTENTION, default="sdpa",
+                    help="attention kernel of packed rows: sdpa (block-diagonal mask, any device), flex "
+                         "(FlexAttention, CUDA), varlen (flash varlen, CUDA)")
 parser.add_argument("--grad-accum", type=positive_int, default=1)
 parser.add_argument("--epochs", type=positive_float, default=1.0)
 parser.add_argument("--max-steps", type=nonneg_int, default=0, help="optimizer steps (overrides --epochs)")
@@ -59,17 +68,17 @@ parser.add_argument("--lora-dropout", type=float, default=0.05)
 parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
 parser.add_argument("--eval-every", type=nonneg_int, default=100, help="steps between eval losses (0 = only at the end)")
 parser.add_argument("--save-every", type=nonneg_int, default=500, help="steps between checkpoints (0 = only final)")
-parser.add_argument("--keep-checkpoints", type=nonneg_int, default=2,
-                    help="keep the newest N complete ckpt-<step> dirs (0 = all). Each costs the fp32 weights plus "
-                         "AdamW's two fp32 moments per rank: 12 bytes a parameter on one GPU (Qwen2.5-0.5B 5.9 GB, "
-                         "7B 91 GB); with --lora only the adapter and its moments (0.5B at r 16: 0.1 GB)")
-parser.add_argument("--resume", default=None, help="a ckpt-<step> dir, or `auto` for the newest complete one in --out")
-parser.add_argument("--overwrite", action="store_true",
-                    help="--out holds an earlier run: move its results to <out>/replaced-<time>/ and start fresh")
+add_flags(parser, "Each costs the fp32 weights plus AdamW's two fp32 moments per rank: 12 bytes a parameter on "
+                  "one GPU (Qwen2.5-0.5B 5.9 GB, 7B 91 GB); with --lora only the adapter and its moments (0.5B at "
+                  "r 16: 0.1 GB)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 args = parser.parse_args()
 one_line_errors()
+cuda = args.device.startswith("cuda") if args.device else torch.cuda.is_available()
+if args.pack and args.pack_attn != "sdpa" and not cuda:
+    parser.error(f"--pack-attn {args.pack_attn} needs CUDA (FlexAttention has no backward on CPU, varlen is "
+                 f"flash attention); use --pack-attn sdpa")
 # -----------------------------------------------------------------------------
 
 d = setup_distributed(args.device)
@@ -78,8 +87,8 @@ out = Path(args.out)
 lock_out_dir(out, d.device)
 # what defines the results; a rerun or --resume with other values stops (see README "Runs that survive")
 check_settings(out, settings_from(
-    args, ["model", "tokenizer", "data", "data_split", "data_config", "max_len", "truncation", "eval_frac", "lr",
-           "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "clip", "precision", "lora", "seed"]
+    args, ["model", "tokenizer", "data", "data_split", "data_config", "max_len", "truncation", "pack", "eval_frac",
+           "lr", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "clip", "precision", "lora", "seed"]
     + (["lora_r", "lora_alpha", "lora_dropout", "lora_targets"] if args.lora else [])
     # the LR schedule stretches over the run's length; a constant LR does not depend on it, so it may be extended
     + ([] if args.schedule == "constant" else ["max_steps"] if args.max_steps else ["epochs"]),
@@ -94,10 +103,17 @@ examples, stats = sft_examples(read_records(args.data, args.data_split, args.dat
 print0(f"data: {stats}")
 train_set, eval_set = split_holdout(examples, args.eval_frac, args.seed) if args.eval_frac > 0 else (examples, [])
 eval_set = shard(eval_set, d.rank, d.world) if len(eval_set) >= d.world else []
-steps_per_epoch = len(train_set) // (args.batch_size * args.grad_accum * d.world)
-assert steps_per_epoch > 0, f"{len(train_set)} conversations are fewer than one global batch"
+# a training unit is a packed row (lists of conversation indices), or one conversation
+lengths = [len(ex["ids"]) for ex in train_set]
+units = pack(lengths, args.max_len, args.seed) if args.pack else [[i] for i in range(len(train_set))]
+steps_per_epoch = len(units) // (args.batch_size * args.grad_accum * d.world)
+unit_name = "packed rows" if args.pack else "conversations"
+if steps_per_epoch == 0:
+    raise InputError(f"{len(units)} {unit_name} are fewer than one global batch "
+                     f"(--batch-size x --grad-accum x world size)")
 total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval conversations; {total_steps} steps")
+print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval conversations"
+       + (f" in {len(units)} packed rows" if args.pack else "") + f"; {total_steps} steps")
 
 # model (fp32 master weights; autocast does the matmuls in bf16/fp16)
 resume_dir = resolve_resume(args.resume, out)
@@ -112,6 +128,7 @@ if args.lora:
                  targets=args.lora_targets.split(","))
     print0(describe(model))
 model.gradient_checkpointing = args.grad_ckpt
+model.model.packed_attention = args.pack_attn
 model.train()
 optimizer = make_optimizer(model, args.lr, args.weight_decay)
 scaler = make_scaler(d.device, args.precision)
@@ -124,11 +141,16 @@ lm_head = model.lm_head.weight
 
 
 def step_micro_batches(start_step):
-    """This rank's micro-batches (input_ids, loss_mask) of each step; the global batch is world-size invariant."""
-    lengths = [len(ex["ids"]) for ex in train_set]
-    for micro in step_batches(lengths, args.batch_size, args.grad_accum, d.rank, d.world, args.seed, start_step):
-        yield [(pad_right([train_set[i]["ids"] for i in idx], chat.pad_id).to(d.device),
-                pad_right([train_set[i]["mask"] for i in idx], 0).to(d.device)) for idx in micro]
+    """This rank's micro-batches (input_ids, loss_mask, document_ids or None) of each step; the global batch is
+    world-size invariant."""
+    unit_lengths = [sum(lengths[i] for i in unit) for unit in units]
+    for micro in step_batches(unit_lengths, args.batch_size, args.grad_accum, d.rank, d.world, args.seed, start_step):
+        if args.pack:
+            yield [tuple(x.to(d.device) for x in packed_batch(train_set, [units[u] for u in idx], args.max_len,
+                                                              chat.pad_id)) for idx in micro]
+        else:
+            yield [(pad_right([train_set[u]["ids"] for u in idx], chat.pad_id).to(d.device),
+                    pad_right([train_set[u]["mask"] for u in idx], 0).to(d.device), None) for idx in micro]
 
 
 @torch.no_grad()
@@ -165,13 +187,13 @@ while step < total_steps:
     t0 = time.time()
     micro = next(steps)
     # the loss divides by the trained-token count of the whole global step, not per micro-batch (PITFALLS #7)
-    step_tokens = all_reduce_sum(sum(int(m[:, 1:].sum()) for _, m in micro), d.device)
+    step_tokens = all_reduce_sum(sum(int(m[:, 1:].sum()) for _, m, _ in micro), d.device)
     lr = lr_at(step, total_steps, args.lr, args.warmup_steps, args.schedule, args.min_lr_ratio)
     set_lr(optimizer, lr)
     loss_sum = 0.0
-    for i, (ids, mask) in enumerate(micro):
+    for i, (ids, mask, docs) in enumerate(micro):
         with maybe_no_sync(ddp_model, sync=i == len(micro) - 1), autocast(d.device, args.precision):
-            hidden = ddp_model(ids, return_hidden=True)
+            hidden = ddp_model(ids, return_hidden=True, document_ids=docs)
             # DDP averages gradients over ranks; x world turns that average back into the global token mean
             loss = sft_loss(hidden, lm_head, ids, mask, num_tokens=step_tokens, chunk_size=args.chunk_size) * d.world
         scaler.scale(loss).backward()
@@ -179,7 +201,7 @@ while step < total_steps:
     grad_norm = optimizer_step(model, optimizer, scaler, args.clip)
     step += 1
     loss_value = all_reduce_sum(float(loss_sum), d.device)
-    tokens = all_reduce_sum(sum(ids.numel() for ids, _ in micro), d.device)  # positions computed, pads included
+    tokens = all_reduce_sum(sum(ids.numel() for ids, _, _ in micro), d.device)  # positions computed, pads included
     dt = time.time() - t0
     row = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, trained_tokens=int(step_tokens),
                tokens_per_s=tokens / dt)

@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+from nanoalign.errors import InputError
 from nanoalign.rundir import disk_errors, write_text
 
 
@@ -24,9 +25,9 @@ def read_json(path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        raise InputError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 def read_jsonl(path):
@@ -38,7 +39,7 @@ def read_jsonl(path):
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: malformed JSON: {e}") from None
+                    raise InputError(f"{path}:{i}: malformed JSON: {e}") from None
     return rows
 
 

@@ -21,13 +21,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nanoalign.errors import InputError
+
 LOCK = ".lock"
 SETTINGS = "run_settings.json"
 MARKER = "checkpoint_complete.json"
 _held_locks = {}  # out dir -> open fd: held until this process exits, when the OS releases the flock
 
 
-class RunDirError(ValueError):
+class RunDirError(InputError):
     """A run-dir problem the user fixes (dir in use, other settings, full disk, read-only): one line, no traceback."""
 
 
@@ -116,6 +118,23 @@ def torch_load_or_none(path):
         return None
 
 
+def add_flags(parser, checkpoint_cost=None):
+    """--overwrite for every script; with `checkpoint_cost` (what one checkpoint holds, for --help) the training
+    scripts' --resume and --keep-checkpoints too."""
+    if checkpoint_cost:
+        parser.add_argument("--keep-checkpoints", type=_nonneg_int, default=2, metavar="N",
+                            help=f"keep the newest N complete ckpt-<step> dirs (0 = all). {checkpoint_cost}")
+        parser.add_argument("--resume", default=None,
+                            help="a ckpt-<step> dir, or `auto` for the newest complete one in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--out holds an earlier run: move its results to <out>/replaced-<time>/ and start fresh")
+
+
+def _nonneg_int(text):
+    from nanoalign.train import nonneg_int  # train imports this module
+    return nonneg_int(text)
+
+
 # -----------------------------------------------------------------------------
 # The lock
 
@@ -180,14 +199,16 @@ def _results(out, keep=()):
 def check_settings(out, settings: dict, overwrite=False, keep=()):
     """Record `settings` in <out>/run_settings.json, or check them against those recorded by an earlier run.
 
-    A difference raises RunDirError naming each differing setting (new value, then recorded), unless `overwrite`:
+    Settings recorded by a run that left no results are replaced. A difference raises RunDirError naming each
+    differing setting (new value, then recorded), unless `overwrite`:
     then everything the earlier run left in `out` is moved to <out>/replaced-<UTC time>/ and the run starts fresh.
     `overwrite` moves earlier results aside even when the settings agree; files named in `keep` stay (caches that
     check their own validity, like train_dpo's ref_logps.pt). Call after lock_out_dir.
     """
     out = Path(out)
     path = out / SETTINGS
-    recorded = json.loads(path.read_text()) if path.exists() else None
+    # settings guard results: a run that stopped before writing any (bad input, say) binds no later run
+    recorded = json.loads(path.read_text()) if path.exists() and _results(out, keep=[SETTINGS]) else None
     if overwrite:
         if _rank() == 0 and _results(out, keep):
             backup = out / time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())

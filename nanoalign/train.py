@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nanoalign.errors import InputError
 from nanoalign.jsonl import ResumableJsonl
 from nanoalign.rundir import MARKER, disk_errors, is_complete, latest_checkpoint, torch_save
 
@@ -48,14 +49,14 @@ def setup_distributed(device_name=None) -> Dist:
 
 
 def one_line_errors(*extra_types):
-    """Bad input (our ValueError/KeyError/FileNotFoundError/AssertionError messages name the file, line or field)
-    ends the script with that one line on stderr instead of a traceback. NANOALIGN_TRACEBACK=1 shows tracebacks."""
-    types = (ValueError, KeyError, FileNotFoundError, AssertionError, *extra_types)
+    """Bad input ends the script with one line on stderr instead of a traceback: an InputError (its message names
+    the file, line, field or flag), a missing or unreadable path the user gave, or one of `extra_types`. Anything
+    else is a bug and keeps its traceback. NANOALIGN_TRACEBACK=1 shows tracebacks for everything."""
+    types = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, *extra_types)
 
     def hook(kind, value, tb):
         if issubclass(kind, types) and not os.environ.get("NANOALIGN_TRACEBACK"):
-            message = value.args[0] if kind is KeyError and value.args else value
-            print(f"error: {message}", file=sys.stderr, flush=True)
+            print(f"error: {value}", file=sys.stderr, flush=True)
         else:
             sys.__excepthook__(kind, value, tb)
     sys.excepthook = hook
@@ -263,7 +264,7 @@ def load_train_state(ckpt_dir, optimizer, scaler):
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # only reachable for a file damaged after it was written: ours are renamed in whole
-        raise ValueError(f"cannot resume: {path} is unreadable ({type(e).__name__}); resume from an earlier "
+        raise InputError(f"cannot resume: {path} is unreadable ({type(e).__name__}); resume from an earlier "
                          f"checkpoint") from None
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
@@ -280,6 +281,6 @@ def resolve_resume(resume, out_dir):
     if not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint dir")
     if not is_complete(resume):
-        raise ValueError(f"--resume {resume}: incomplete checkpoint (no {MARKER}: cut off while being written); "
+        raise InputError(f"--resume {resume}: incomplete checkpoint (no {MARKER}: cut off while being written); "
                          f"pick an earlier one or --resume auto")
     return Path(resume)

@@ -23,7 +23,7 @@ from nanoalign.train import nonneg_int, positive_float, positive_int
 from tests.fixtures import ROOT, cached_toy_setup, max_weight_diff, read_metrics, read_weights, run_script
 
 FP32 = ("--device", "cpu", "--precision", "fp32")
-SFT = ("--lr", 1e-2, "--batch-size", 4, "--eval-frac", 0)
+SFT = ("--lr", 1e-2, "--batch-size", 4, "--eval-frac", 0, "--no-pack")  # batches of conversations
 
 
 @pytest.fixture(scope="module")
