@@ -19,9 +19,10 @@ from nanoalign.chat import load_chat
 from nanoalign.data import pad_right, read_records, sft_batches, sft_examples, shard, split_holdout, step_batches
 from nanoalign.losses import masked_logps, sft_loss
 from nanoalign.model import load_model, resolve_model_dir, save_model
-from nanoalign.train import (MetricsLog, Progress, all_reduce_sum, autocast, cleanup_distributed, load_train_state,
-                             lr_at, make_optimizer, make_scaler, maybe_no_sync, one_line_errors, optimizer_step,
-                             print0, resolve_resume, save_train_state, set_lr, setup_distributed, wrap_ddp)
+from nanoalign.train import (MetricsLog, Progress, all_reduce_sum, autocast, choose_precision, cleanup_distributed,
+                             global_batch_flags, load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync,
+                             one_line_errors, optimizer_step, print0, resolve_resume, save_train_state, set_lr,
+                             setup_distributed, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,7 +45,8 @@ parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], defa
 parser.add_argument("--warmup-steps", type=int, default=0)
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype")
+parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="autocast dtype (default: bf16 on a CUDA GPU that supports it, else fp32)")
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 parser.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the lm_head + loss")
@@ -60,9 +62,11 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 args = parser.parse_args()
 one_line_errors()
+assert 0 <= args.eval_frac < 1, f"--eval-frac must be in [0, 1), got {args.eval_frac}"
 # -----------------------------------------------------------------------------
 
 d = setup_distributed(args.device)
+args.precision = choose_precision(args.precision, d.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
 model_dir = resolve_model_dir(args.model)
@@ -75,7 +79,8 @@ print0(f"data: {stats}")
 train_set, eval_set = split_holdout(examples, args.eval_frac, args.seed) if args.eval_frac > 0 else (examples, [])
 eval_set = shard(eval_set, d.rank, d.world) if len(eval_set) >= d.world else []
 steps_per_epoch = len(train_set) // (args.batch_size * args.grad_accum * d.world)
-assert steps_per_epoch > 0, f"{len(train_set)} conversations are fewer than one global batch"
+assert steps_per_epoch > 0, (f"{len(train_set)} training conversations are fewer than one global batch: "
+                             f"{global_batch_flags(args, d.world)}")
 total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
 print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval conversations; {total_steps} steps")
 

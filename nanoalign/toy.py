@@ -64,6 +64,13 @@ def _numbers(text: str) -> list[int]:
     return [int(n) for n in re.findall(r"\d+", text)]
 
 
+def check_prompt(prompt_messages: list[dict]):
+    """Raise ValueError unless reward() can grade answers to this prompt: its last user message lists numbers."""
+    users = [m["content"] for m in prompt_messages if m["role"] == "user"]
+    if not users or not _numbers(users[-1]):
+        raise ValueError("the toy reward cannot grade this prompt: its last user message has no numbers")
+
+
 def reward(prompt_messages: list[dict], response: str) -> float:
     """Rule-based grade in [0, 1]; the answer is re-derived from the numbers in the last user message.
 
@@ -72,6 +79,7 @@ def reward(prompt_messages: list[dict], response: str) -> float:
     0.1  some number of the list is given, but not (only) the largest one
     0.0  anything else, empty included
     """
+    check_prompt(prompt_messages)
     question = next(m["content"] for m in reversed(prompt_messages) if m["role"] == "user")
     nums = _numbers(question)
     answer = max(nums)

@@ -175,3 +175,25 @@ def test_fp16_autocast_with_grad_scaler(toy_setup, tmp_path):
     rows = train(toy_setup, toy_setup.sft, tmp_path / "fp16", "--device", "cpu", "--precision", "fp16",
                  "--max-steps", 8, "--lr", 1e-2, "--batch-size", 8, "--eval-frac", 0, "--save-every", 0)
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_default_precision_on_cpu_is_fp32(toy_setup, tmp_path):
+    """No --precision on a CPU: fp32 (bf16 autocast is emulated there, many times slower), said in the log and
+    recorded with the run's settings in the checkpoint."""
+    out = tmp_path / "default"
+    proc = run_script(SCRIPT, "--model", toy_setup.model, "--data", toy_setup.sft, "--out", out, "--device", "cpu",
+                      "--max-steps", 1, "--batch-size", 4, "--eval-frac", 0, "--save-every", 1)
+    assert "precision: fp32 (the default on cpu" in proc.stdout
+    state = torch.load(out / "ckpt-1" / "train_state_rank0.pt", weights_only=False)
+    assert state["args"]["precision"] == "fp32"
+
+
+def test_argument_errors_name_the_flags(toy_setup, tmp_path):
+    proc = run_script(SCRIPT, "--model", toy_setup.model, "--data", toy_setup.sft, "--out", tmp_path / "out", *FP32,
+                      "--batch-size", 32, "--grad-accum", 2, check=False)
+    assert proc.returncode == 1 and last_line(proc.stderr) == (
+        "error: 63 training conversations are fewer than one global batch: --batch-size 32 x --grad-accum 2 x 1 rank"
+        " = 64"), proc.stderr[-2000:]
+    proc = run_script(SCRIPT, "--model", toy_setup.model, "--data", toy_setup.sft, "--out", tmp_path / "out", *FP32,
+                      "--eval-frac", 1, check=False)
+    assert proc.returncode == 1 and last_line(proc.stderr) == "error: --eval-frac must be in [0, 1), got 1.0"
