@@ -55,7 +55,7 @@ parser.add_argument("--reward-timeout", type=float, default=60, help="http rewar
 parser.add_argument("--reward-concurrency", type=int, default=8, help="http reward: requests in flight")
 parser.add_argument("--tie-eps", type=float, default=0.0, help="|score A - score B| <= this is a tie")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
-                    help="dtype of the models and a local reward model (default: bf16 on a CUDA GPU with bf16, else fp32)")
+                    help="dtype of the policies and a local reward model (default: bf16 on a GPU with bf16, else fp32)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)

@@ -54,7 +54,7 @@ parser.add_argument("--min-gap", type=float, default=0.0, help="keep a pair only
 parser.add_argument("--drop-empty", action="store_true", help="never use an empty completion in a pair")
 parser.add_argument("--drop-truncated", action="store_true", help="never use a completion cut at --max-new-tokens")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
-                    help="dtype of the models and a local reward model (default: bf16 on a CUDA GPU with bf16, else fp32)")
+                    help="dtype of the policies and a local reward model (default: bf16 on a GPU with bf16, else fp32)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)

@@ -75,7 +75,7 @@ parser.add_argument("--warmup-steps", type=int, default=0)
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--clip", type=float, default=1.0)
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
-                    help="(default: bf16 on a CUDA GPU that supports it, else fp32)")
+                    help="autocast dtype (default: bf16 on a CUDA GPU that supports it, else fp32)")
 parser.add_argument("--base-dtype", choices=["auto", "fp32", "bf16"], default="auto",
                     help="dtype of the frozen base (auto: bf16 under bf16 autocast; adapters always train in fp32)")
 parser.add_argument("--grad-ckpt", action="store_true")
