@@ -20,6 +20,7 @@ import torch
 
 from nanoalign.chat import load_chat
 from nanoalign.data import prompt_records, read_records
+from nanoalign.errors import InputError
 from nanoalign.jsonl import ResumableJsonl, write_jsonl
 from nanoalign.lora import load_merged
 from nanoalign.preferences import best_worst_pair
@@ -60,8 +61,9 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
 one_line_errors(RewardServerError)
-assert args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1, \
-    f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1, got {args.temperature}, {args.top_k}, {args.top_p}"
+if not (args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
+    raise InputError(f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1, got {args.temperature}, "
+                     f"{args.top_k}, {args.top_p}")
 # -----------------------------------------------------------------------------
 
 device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

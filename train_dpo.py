@@ -24,11 +24,12 @@ import torch
 
 from nanoalign.chat import load_chat
 from nanoalign.data import mix, preference_batch, preference_examples, read_records, shard, split_holdout, step_batches
+from nanoalign.errors import InputError
 from nanoalign.lora import adapters_disabled, add_lora, describe, load_adapter, load_merged, save_adapter
 from nanoalign.losses import dpo_loss, dpo_metrics, sequence_logps
 from nanoalign.model import load_model, resolve_model_dir, save_model
 from nanoalign.train import (DTYPES, MetricsLog, Progress, all_reduce_sum, autocast, choose_precision,
-                             cleanup_distributed, global_batch_flags, load_train_state, lr_at, make_optimizer,
+                             cleanup_distributed, load_train_state, lr_at, make_optimizer,
                              make_scaler, maybe_no_sync, one_line_errors, optimizer_step, print0, resolve_resume,
                              save_train_state, set_lr, setup_distributed, wrap_ddp)
 
@@ -91,13 +92,15 @@ args = parser.parse_args()
 one_line_errors()
 if args.max_prompt_len is None:
     args.max_prompt_len = args.max_len // 2
-assert 0 < args.max_prompt_len < args.max_len, \
-    f"--max-prompt-len {args.max_prompt_len} must be below --max-len {args.max_len} (responses need room too)"
-assert not args.data_weights or len(args.data_weights) == len(args.data), \
-    f"--data-weights has {len(args.data_weights or [])} values for {len(args.data)} --data sources"
-assert all(w >= 0 for w in args.data_weights or []), f"--data-weights must be >= 0, got {args.data_weights}"
-assert 0 <= args.eval_frac < 1, f"--eval-frac must be in [0, 1), got {args.eval_frac}"
-assert args.label_smoothing == 0 or args.loss_type == "sigmoid", "--label-smoothing needs --loss-type sigmoid"
+if not 0 < args.max_prompt_len < args.max_len:
+    raise InputError(f"--max-prompt-len {args.max_prompt_len} must be below --max-len {args.max_len} "
+                     f"(responses need room too)")
+if args.data_weights and len(args.data_weights) != len(args.data):
+    raise InputError(f"--data-weights has {len(args.data_weights)} values for {len(args.data)} --data sources")
+if not 0 <= args.eval_frac < 1:
+    raise InputError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
+if args.label_smoothing and args.loss_type != "sigmoid":
+    raise InputError("--label-smoothing needs --loss-type sigmoid")
 # -----------------------------------------------------------------------------
 
 d = setup_distributed(args.device)
@@ -119,8 +122,9 @@ train_set, eval_pairs = split_holdout(pairs, args.eval_frac, args.seed) if args.
 eval_set = shard(eval_pairs, d.rank, d.world) if len(eval_pairs) >= d.world else []
 global_pairs = args.batch_size * args.grad_accum * d.world
 steps_per_epoch = len(train_set) // global_pairs
-assert steps_per_epoch > 0, \
-    f"{len(train_set)} training pairs are fewer than one global batch: {global_batch_flags(args, d.world)}"
+if steps_per_epoch == 0:
+    raise InputError(f"{len(train_set)} pairs are fewer than one global batch "
+                     f"(--batch-size x --grad-accum x world size)")
 total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
 print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval pairs; {total_steps} steps")
 

@@ -357,7 +357,7 @@ def test_prompt_budget_defaults_to_half_of_max_len(setup, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--max-len", 512, "--max-prompt-len", 512), "--max-prompt-len 512 must be below --max-len 512 (responses need room too)"),
     (("--batch-size", 200, "--grad-accum", 2),
-     "334 training pairs are fewer than one global batch: --batch-size 200 x --grad-accum 2 x 1 rank = 400"),
+     "334 pairs are fewer than one global batch (--batch-size x --grad-accum x world size)"),
     (("--loss-type", "ipo", "--label-smoothing", 0.1), "--label-smoothing needs --loss-type sigmoid"),
 ])
 def test_argument_errors_name_the_flags(setup, tmp_path, args, message):
