@@ -82,7 +82,8 @@ def build_sft(records, chat, max_len, truncation, progress=True):
 
     ids, mask, offsets, stats = array("i"), bytearray(), array("q", [0]), {}
     t0 = time.time()
-    with tqdm(desc="tokenising", unit=" conv", disable=not progress, mininterval=1.0, smoothing=0.1) as bar:
+    # disable=None: a bar on a terminal, nothing in logs (the stats printed after carry tokens and seconds)
+    with tqdm(desc="tokenising", unit=" conv", disable=None if progress else True, mininterval=1.0) as bar:
         for row_ids, row_mask in sft_rows(records, chat, max_len, truncation, stats):
             ids.extend(row_ids)
             mask.extend(row_mask)
