@@ -12,16 +12,17 @@ Writes <out>/metrics.jsonl, <out>/ckpt-<step>/ (HF model dir + train state to
 --resume from) and <out>/final/ (HF model dir, or a LoRA adapter with --lora).
 """
 import argparse
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from nanoalign.chat import load_chat
-from nanoalign.data import (pack, packed_batch, pad_right, read_records, sft_batches, sft_examples, shard,
-                            split_holdout, step_batches)
+from nanoalign.data import pack, packed_batch, pad_right, sft_batches, shard, split_holdout, step_batches
 from nanoalign.errors import InputError
 from nanoalign.losses import masked_logps, sft_loss
+from nanoalign.tokenized import sft_dataset
 from nanoalign.model import PACKED_ATTENTION, load_model, resolve_model_dir, save_model
 from nanoalign.train import (MetricsLog, Progress, all_reduce_sum, autocast, choose_precision, cleanup_distributed,
                              load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync, one_line_errors,
@@ -36,6 +37,9 @@ parser.add_argument("--data", required=True, help="JSONL/JSON/parquet file or di
 parser.add_argument("--data-split", default="train")
 parser.add_argument("--data-config", default=None, help="hub dataset config, e.g. `all` for HuggingFaceTB/smoltalk")
 parser.add_argument("--out", required=True, help="output dir")
+parser.add_argument("--data-cache", default=os.environ.get("NANOALIGN_CACHE", str(Path.home() / ".cache/nanoalign")),
+                    help="dir of tokenised datasets, reused while data, tokenizer and settings are unchanged "
+                         "(default $NANOALIGN_CACHE or ~/.cache/nanoalign; '' = tokenise in memory each run)")
 parser.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens")
 parser.add_argument("--truncation", choices=["drop", "cut"], default="drop", help="what to do with longer ones")
 parser.add_argument("--eval-frac", type=float, default=0.02, help="share of conversations held out for eval loss")
@@ -87,14 +91,18 @@ out = Path(args.out)
 model_dir = resolve_model_dir(args.model)
 chat = load_chat(args.tokenizer or model_dir)
 
-# data: render with the assistant mask, hold out an eval split, shard over ranks
-examples, stats = sft_examples(read_records(args.data, args.data_split, args.data_config), chat, args.max_len,
-                               args.truncation)
-print0(f"data: {stats}")
-train_set, eval_set = split_holdout(examples, args.eval_frac, args.seed) if args.eval_frac > 0 else (examples, [])
-eval_set = shard(eval_set, d.rank, d.world) if len(eval_set) >= d.world else []
+# data: rendered with the assistant mask once (local rank 0; cached, the others load it), an eval split held out
+# and sharded over ranks
+dataset = sft_dataset(args.data, args.data_split, args.data_config, chat, args.max_len, args.truncation,
+                      args.data_cache or None, is_builder=d.local_rank == 0,
+                      barrier=torch.distributed.barrier if d.world > 1 else None)
+print0(f"data: {dataset.stats}")
+indices = list(range(len(dataset)))
+train_idx, eval_idx = split_holdout(indices, args.eval_frac, args.seed) if args.eval_frac > 0 else (indices, [])
+eval_idx = shard(eval_idx, d.rank, d.world) if len(eval_idx) >= d.world else []
+train_set, eval_set = dataset.subset(train_idx), dataset.subset(eval_idx)
 # a training unit is a packed row (lists of conversation indices), or one conversation
-lengths = [len(ex["ids"]) for ex in train_set]
+lengths = train_set.lengths
 units = pack(lengths, args.max_len, args.seed) if args.pack else [[i] for i in range(len(train_set))]
 steps_per_epoch = len(units) // (args.batch_size * args.grad_accum * d.world)
 unit_name = "packed rows" if args.pack else "conversations"

@@ -220,7 +220,7 @@ def test_eval_frac_error_names_the_flag(toy_setup, tmp_path):
 
 def test_bad_input_is_one_line_a_bug_keeps_its_traceback(toy_setup, tmp_path):
     """one_line_errors: an InputError (here a flag combination) is one line on stderr; a KeyError from inside our
-    code (injected into data.sft_examples, as a bug would raise it) is not bad input and keeps its traceback."""
+    code (injected into data.sft_rows, as a bug would raise it) is not bad input and keeps its traceback."""
     import subprocess
     import sys
     args = ["--model", str(toy_setup.model), "--data", str(toy_setup.sft), "--out", str(tmp_path / "out"), *FP32]
@@ -229,8 +229,8 @@ def test_bad_input_is_one_line_a_bug_keeps_its_traceback(toy_setup, tmp_path):
         "error: 63 conversations are fewer than one global batch (--batch-size x --grad-accum x world size)"], bad.stderr
     inject = ("import runpy, sys; import nanoalign.data as data\n"
               "def buggy(*a, **k): return {}['ids']\n"
-              "data.sft_examples = buggy\n"
-              f"sys.argv = [{SCRIPT!r}] + {args!r}\n"
+              "data.sft_rows = buggy\n"
+              f"sys.argv = [{SCRIPT!r}] + {args + ['--data-cache', '']!r}\n"  # tokenise now, not from the cache
               f"runpy.run_path({SCRIPT!r}, run_name='__main__')\n")
     bug = subprocess.run([sys.executable, "-c", inject], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bug.returncode != 0 and "Traceback" in bug.stderr and "KeyError: 'ids'" in bug.stderr, bug.stderr[-2000:]
