@@ -2,13 +2,18 @@
 
     python gen_synthetic.py --model runs/sft/final --adapter runs/dpo/final \
         --prompts HuggingFaceH4/ultrafeedback_binarized --prompts-split train_gen --max-prompts 2000 \
-        --reward Skywork/Skywork-Reward-V2-Qwen3-0.6B --n 4 --min-gap 0.5 --out runs/synth
+        --reward Skywork/Skywork-Reward-V2-Qwen3-0.6B --num-samples 4 --min-gap 0.5 --out runs/synth
+    # every GPU of the node, each with the policy and the reward model, prompts sharded across them:
+    torchrun --nproc_per_node=8 gen_synthetic.py ... (same flags)
     # score with an OpenAI-compatible reward endpoint instead (key read from $NVIDIA_API_KEY):
     python gen_synthetic.py ... --reward https://integrate.api.nvidia.com/v1 --reward-model nvidia/llama-3.1-nemotron-70b-reward
 
-Writes <out>/samples.jsonl (every scored completion, appended as it goes), <out>/pairs.jsonl (prompt, chosen,
-rejected, scores: train_dpo.py reads it) and <out>/summary.json. Killed and restarted with the same arguments, it
-skips the prompts already done; a failing reward endpoint stops it after its retries with everything so far on disk.
+Writes <out>/samples.jsonl (every scored completion; while running, each rank appends to its own
+samples.part<r>-of-<N>.jsonl, merged by rank 0 in prompt order at the end), <out>/pairs.jsonl (prompt, chosen,
+rejected, scores: train_dpo.py reads it) and <out>/summary.json. Killed and restarted with the same arguments (on any
+number of GPUs), it skips the prompts already done; a failing reward endpoint stops it after its retries with
+everything so far on disk. Sample k of a prompt depends only on (--seed, prompt_id, k), so the files are the same
+whatever the number of ranks, the --batch-size or the point where a run was resumed.
 Keep generation prompts apart from eval prompts (UltraFeedback: train_gen here, test_gen in eval_winrate.py).
 """
 import argparse
@@ -20,12 +25,12 @@ import torch
 
 from nanoalign.chat import load_chat
 from nanoalign.data import prompt_records, read_records
-from nanoalign.jsonl import ResumableJsonl, write_jsonl
+from nanoalign.engine import Engine
+from nanoalign.jsonl import ShardedJsonl, write_jsonl
 from nanoalign.lora import load_merged
 from nanoalign.preferences import best_worst_pair
 from nanoalign.reward import RewardServerError, load_reward
-from nanoalign.sampling import generate
-from nanoalign.train import DTYPES, Progress, one_line_errors
+from nanoalign.train import DTYPES, Progress, cleanup_distributed, one_line_errors, print0, setup_distributed
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,12 +42,14 @@ parser.add_argument("--prompts-split", default="train_gen")
 parser.add_argument("--prompts-config", default=None)
 parser.add_argument("--max-prompts", type=int, default=0, help="use the first this-many prompts (0 = all)")
 parser.add_argument("--max-prompt-len", type=int, default=1024, help="prompts keep their last this-many tokens")
-parser.add_argument("--n", type=int, default=4, help="samples per prompt")
+parser.add_argument("--num-samples", type=int, default=4, help="samples per prompt")
 parser.add_argument("--temperature", type=float, default=0.8)
 parser.add_argument("--top-p", type=float, default=0.95)
 parser.add_argument("--top-k", type=int, default=0)
 parser.add_argument("--max-new-tokens", type=int, default=256)
-parser.add_argument("--batch-size", type=int, default=16, help="prompts per round of sampling and scoring")
+parser.add_argument("--batch-size", type=int, default=16,
+                    help="prompts in flight (batch-size x num-samples sequences decoded together) and per round of scoring")
+parser.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graph for the decode step (CUDA)")
 parser.add_argument("--reward", default="Skywork/Skywork-Reward-V2-Qwen3-0.6B",
                     help="`toy` (rule-based), an http(s) URL (OpenAI-compatible endpoint), or a reward model dir / hub id")
 parser.add_argument("--reward-model", default="nvidia/llama-3.1-nemotron-70b-reward", help="model name at the endpoint")
@@ -61,20 +68,24 @@ args = parser.parse_args()
 one_line_errors(RewardServerError)
 # -----------------------------------------------------------------------------
 
-device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+d = setup_distributed(args.device)
+device = d.device if args.device in (None, "cuda") else torch.device(args.device)  # cuda: this rank's GPU
 out = Path(args.out)
+n = args.num_samples
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts)
 
-# resume: prompts with all n samples on disk are done; a prompt with fewer (killed mid-way) is redone
-samples = ResumableJsonl(out / "samples.jsonl")
+# resume: prompts with all n samples on disk (any earlier run, any world size) are done; the rest is redone
+samples = ShardedJsonl(out / "samples.jsonl", key=lambda r: (r["prompt_id"], r["sample"]), rank=d.rank, world=d.world)
 count = defaultdict(int)
 for row in samples.rows:
-    count[row["prompt_id"]] += 1
-done = {pid for pid, c in count.items() if c >= args.n}
-if len(done) != len(count):
-    samples.rewrite([row for row in samples.rows if row["prompt_id"] in done])
+    count[row["prompt_id"]] += row["sample"] < n
+done = {pid for pid, c in count.items() if c >= n}
 todo = [(pid, messages) for pid, messages in prompts if pid not in done]
-print(f"{len(prompts)} prompts: {len(done)} done before, {len(todo)} to sample")
+print0(f"{len(prompts)} prompts: {len(done & {pid for pid, _ in prompts})} done before, {len(todo)} to sample"
+       + (f" on {d.world} ranks" if d.world > 1 else ""))
+if d.world > 1:
+    torch.distributed.barrier()  # every rank has read what is done before any rank writes
+todo = todo[d.rank::d.world]
 
 if todo:
     model = load_merged(args.model, args.adapter, dtype=DTYPES[args.precision], device=device)
@@ -82,26 +93,47 @@ if todo:
     reward = load_reward(args.reward, device=device, batch_size=args.reward_batch_size, model=args.reward_model,
                          cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
                          timeout=args.reward_timeout, concurrency=args.reward_concurrency)
-    progress = Progress(len(todo), "prompts")
-    for start in range(0, len(todo), args.batch_size):
-        chunk = todo[start:start + args.batch_size]
-        prompt_ids = [chat.render_prompt(messages)[-args.max_prompt_len:] for _, messages in chunk]
-        outputs = generate(model, [p for p in prompt_ids for _ in range(args.n)], args.max_new_tokens,
-                           chat.stop_ids, chat.pad_id, args.temperature, args.top_k, args.top_p,
-                           seed=args.seed + len(done) + start, vocab_limit=chat.vocab_size)
-        texts = [chat.decode(o) for o in outputs]
-        conversations = [messages for _, messages in chunk for _ in range(args.n)]
-        scores = reward.score(conversations, texts, ids=[pid for pid, _ in chunk for _ in range(args.n)])
-        samples.append([dict(prompt_id=pid, prompt=messages, sample=k, response=texts[i * args.n + k],
-                             score=scores[i * args.n + k], n_tokens=len(outputs[i * args.n + k]),
-                             finished=bool(outputs[i * args.n + k]) and outputs[i * args.n + k][-1] in chat.stop_ids)
-                        for i, (pid, messages) in enumerate(chunk) for k in range(args.n)])
+    prompt_ids = [chat.render_prompt(messages)[-args.max_prompt_len:] for _, messages in todo]
+    engine = Engine(model, args.batch_size * n, max(map(len, prompt_ids)) + args.max_new_tokens, chat.stop_ids,
+                    args.temperature, args.top_k, args.top_p, chat.vocab_size, args.seed,
+                    compile=False if args.eager else None, pad_id=chat.pad_id)
+    requests = ((ids, args.max_new_tokens, (pid, k)) for (pid, _), ids in zip(todo, prompt_ids) for k in range(n))
+    outputs, ready = defaultdict(dict), []  # prompt index -> {k: new ids}; prompts with all n samples
+
+    def score_and_write(ready):
+        """Score whole prompts (all n samples) and append them to this rank's part file."""
+        chunk = [(*todo[i], [outs[k] for k in range(n)]) for i, outs in ((i, outputs.pop(i)) for i in ready)]
+        texts = [chat.decode(o) for _, _, outs in chunk for o in outs]
+        conversations = [messages for _, messages, _ in chunk for _ in range(n)]
+        scores = reward.score(conversations, texts, ids=[pid for pid, _, _ in chunk for _ in range(n)])
+        samples.append([dict(prompt_id=pid, prompt=messages, sample=k, response=texts[i * n + k],
+                             score=scores[i * n + k], n_tokens=len(outs[k]),
+                             finished=bool(outs[k]) and outs[k][-1] in chat.stop_ids)
+                        for i, (pid, messages, outs) in enumerate(chunk) for k in range(n)])
         progress.update(len(chunk))
+
+    progress = Progress(len(todo), "prompts", enabled=d.is_main)
+    for number, tokens in engine.stream(requests):  # rows come back as they finish, slots refilled meanwhile
+        i, k = divmod(number, n)
+        outputs[i][k] = tokens
+        if len(outputs[i]) == n:
+            ready.append(i)
+        if len(ready) >= args.batch_size:
+            score_and_write(ready)
+            ready = []
+    if ready:
+        score_and_write(ready)
     progress.close()
+
+order = {pid: i for i, (pid, _) in enumerate(prompts)}
+rows = samples.finish(order=lambda r: (order.get(r["prompt_id"], len(order)), r["sample"]))
+cleanup_distributed()
+if rows is None:  # rank > 0: rank 0 merges and writes the pairs
+    raise SystemExit(0)
 
 # pairs are a pure function of the samples on disk, so they are rebuilt whole on every run
 by_prompt = defaultdict(list)
-for row in samples.rows:
+for row in rows:
     by_prompt[row["prompt_id"]].append(row)
 pairs, dropped = [], defaultdict(int)
 for pid, group in by_prompt.items():
@@ -116,9 +148,9 @@ for pid, group in by_prompt.items():
     pairs.append(dict(prompt_id=pid, prompt=group[0]["prompt"], chosen=best["response"], rejected=worst["response"],
                       score_chosen=best["score"], score_rejected=worst["score"]))
 write_jsonl(out / "pairs.jsonl", pairs)
-scores = [s["score"] for s in samples.rows]
-summary = dict(prompts=len(by_prompt), samples=len(samples.rows), pairs=len(pairs), **dropped,
+scores = [s["score"] for s in rows]
+summary = dict(prompts=len(by_prompt), samples=len(rows), pairs=len(pairs), **dropped,
                mean_score=sum(scores) / max(len(scores), 1),
-               truncated=sum(not s["finished"] for s in samples.rows), empty=sum(not s["response"].strip() for s in samples.rows))
+               truncated=sum(not s["finished"] for s in rows), empty=sum(not s["response"].strip() for s in rows))
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps(summary))

@@ -25,7 +25,7 @@ from nanoalign.chat import load_chat
 from nanoalign.data import prompt_records, read_records
 from nanoalign.model import CausalLM, ModelConfig, load_model, save_model
 from nanoalign.preferences import win_rate
-from nanoalign.sampling import generate_texts
+from nanoalign.engine import generate_texts
 from tests.fixtures import cached_toy_setup, json_server, read_metrics, run_script, write_jsonl
 
 CPU = ("--precision", "fp32", "--device", "cpu", "--max-new-tokens", 2)
@@ -82,7 +82,7 @@ def setup(tmp_path_factory):
 
 
 def gen(setup, out, *args, check=True):
-    return run_script("gen_synthetic.py", "--model", setup["policy"], "--prompts", setup["prompts"], "--n", N,
+    return run_script("gen_synthetic.py", "--model", setup["policy"], "--prompts", setup["prompts"], "--num-samples", N,
                       "--out", out, *CPU, *args, check=check)
 
 
@@ -189,6 +189,22 @@ def test_a_killed_run_redoes_the_partial_prompt(setup, toy_run, tmp_path):
     assert not (out / "samples.tmp").exists()
 
 
+def test_two_ranks_resume_a_one_process_run_with_the_same_files(setup, toy_run, tmp_path):
+    """torchrun, 2 gloo ranks and another --batch-size, resuming a 1-process run killed mid-prompt: each rank
+    samples its share into its own part, rank 0 merges, and every file is byte for byte the uninterrupted run's."""
+    lines = (toy_run / "samples.jsonl").read_bytes().splitlines(keepends=True)
+    out = tmp_path / "ranks"
+    out.mkdir()
+    (out / "samples.jsonl").write_bytes(b"".join(lines[:2 * N + 1]) + lines[2 * N + 1][:25])
+    proc = run_script("gen_synthetic.py", "--model", setup["policy"], "--prompts", setup["prompts"],
+                      "--num-samples", N, "--out", out, *CPU, "--reward", "toy", "--min-gap", 0.5, "--batch-size", 2,
+                      nproc=2)
+    assert "8 prompts: 2 done before, 6 to sample on 2 ranks" in proc.stdout
+    for name in ("samples.jsonl", "pairs.jsonl", "summary.json"):
+        assert (out / name).read_bytes() == (toy_run / name).read_bytes(), name
+    assert sorted(p.name for p in out.iterdir()) == ["pairs.jsonl", "samples.jsonl", "summary.json"]
+
+
 # -----------------------------------------------------------------------------
 # gen_synthetic.py against an HTTP reward endpoint that fails, then recovers
 
@@ -235,11 +251,12 @@ def test_reward_server_failure_then_resume(setup, stub, tmp_path):
     assert "HTTP 500" in error
     ok_1 = {key for status, key in stub.log if status == 200}
     assert len(ok_1) == 8 and any(status == 500 for status, _ in stub.log)
-    before = (out / "samples.jsonl").read_bytes()
-    rows = read_rows(out / "samples.jsonl")
+    assert not (out / "samples.jsonl").exists()  # merged only at the end; rows so far are in the rank's part
+    rows = read_rows(out / "samples.part0-of-1.jsonl")
     done = len(groups(rows))
     assert done in (2, 4), "whole batches of 2 prompts are on disk, nothing of the failed one"
-    check_complete(rows, prompts[:done])
+    rank = {pid: i for i, (pid, _) in enumerate(prompts)}  # the part holds prompts in the order they finished
+    check_complete(sorted(rows, key=lambda r: rank[r["prompt_id"]]), [p for p in prompts if p[0] in groups(rows)])
     done_keys = {(r["prompt"][-1]["content"], r["response"]) for r in rows}
     assert done_keys <= ok_1 and ok_1 - done_keys, "the failed batch had scores in the cache already"
 
@@ -247,9 +264,9 @@ def test_reward_server_failure_then_resume(setup, stub, tmp_path):
     stub.fail_after, n_log = None, len(stub.log)
     proc = gen(setup, out, *args)
     assert f"6 prompts: {done} done before, {6 - done} to sample" in proc.stdout
-    after = (out / "samples.jsonl").read_bytes()
-    assert after.startswith(before)
+    before = rows
     rows = read_rows(out / "samples.jsonl")
+    assert all(r in rows for r in before) and not list(out.glob("samples.part*"))
     check_complete(rows, prompts)
     for r in rows:
         assert r["score"] == stub_score(r["prompt"][-1]["content"], r["response"])
@@ -267,10 +284,10 @@ def test_reward_server_failure_then_resume(setup, stub, tmp_path):
 # -----------------------------------------------------------------------------
 # eval_winrate.py
 
-def evaluate(setup, out, *args, check=True):
+def evaluate(setup, out, *args, check=True, nproc=1):
     return run_script("eval_winrate.py", "--model-a", setup["policy"], "--name-a", "nines",
                       "--prompts", setup["eval_prompts"], "--reward", "toy", "--batch-size", 3, "--out", out,
-                      *CPU, *args, check=check)
+                      *CPU, *args, check=check, nproc=nproc)
 
 
 def check_verdicts(out, prompts, tie_eps):
@@ -310,6 +327,15 @@ def test_eval_model_vs_model_and_rerun(setup, tmp_path):
     proc = evaluate(setup, out, "--model-b", setup["seven"], "--name-b", "sevens")
     assert "8 prompts: 8 judged before, 0 to go" in proc.stdout
     assert (out / "per_prompt.jsonl").read_bytes() == judged and (out / "summary.json").read_bytes() == verdict
+
+    # 2 gloo ranks, sampled at temperature 1 (keyed by prompt): the same verdicts as one process
+    sampled = ("--model-b", setup["seven"], "--name-b", "sevens", "--temperature", 1.0)
+    evaluate(setup, tmp_path / "one", *sampled)
+    proc = evaluate(setup, tmp_path / "two", *sampled, "--batch-size", 2, nproc=2)
+    assert "8 prompts: 0 judged before, 8 to go on 2 ranks" in proc.stdout
+    for name in ("per_prompt.jsonl", "summary.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert len({r["response_a"] for r in read_rows(tmp_path / "one" / "per_prompt.jsonl")}) > 2  # really sampled
 
 
 def test_eval_model_vs_stored_responses(setup, tmp_path):
