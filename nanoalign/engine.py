@@ -31,7 +31,6 @@ class Engine:
         max_len: KV cache length per slot: the longest prompt plus its max_new_tokens must fit.
         stop_ids: ids that end a row (pass both <|im_end|> and <|endoftext|> for Qwen, PITFALLS #2).
         temperature, top_k, top_p, vocab_limit: see nanoalign.sampling.sample_next.
-        seed: with each request's key, names its random stream.
         sync_every: decode steps between two looks of the host at the finished flags (the only syncs).
         compile: capture the decode step with torch.compile(mode="reduce-overhead"); None = on CUDA only.
         min_span: attention reads the first `span` cache slots, a power of two >= min_span covering every live
@@ -41,11 +40,11 @@ class Engine:
     """
 
     def __init__(self, model, slots, max_len, stop_ids, temperature=1.0, top_k=0, top_p=1.0, vocab_limit=None,
-                 seed=0, sync_every=8, compile=None, min_span=256, prefill_tokens=16384, pad_id=0):
+                 sync_every=8, compile=None, min_span=256, prefill_tokens=16384, pad_id=0):
         param = next(model.parameters())
         self.model, self.device, self.slots, self.max_len = model, param.device, slots, max_len
-        self.sync_every, self.min_span, self.prefill_tokens, self.pad_id, self.seed = \
-            sync_every, min_span, prefill_tokens, pad_id, seed
+        self.sync_every, self.min_span, self.prefill_tokens, self.pad_id = sync_every, min_span, prefill_tokens, pad_id
+        self.seed = 0
         self.sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, vocab_limit=vocab_limit)
         self.cache = KVCache(model.config, slots, max_len, param.dtype, self.device)
         zeros = lambda dtype=torch.long: torch.zeros(slots, dtype=dtype, device=self.device)  # noqa: E731
@@ -59,7 +58,8 @@ class Engine:
             for t in [*self.cache.k, *self.cache.v, self.tok, self.pos, self.n_new, self.limit, self.active,
                       self.keys, self.out]:
                 torch._dynamo.mark_static_address(t)  # updated in place: the graph keeps their addresses
-            self.step = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            # span is the one size that changes: after its second value it is compiled as a dynamic size
+            self.step = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
 
     def _decode(self, span):
         """One token for every slot (idle slots compute and are ignored): static shapes, no host sync."""
@@ -113,15 +113,16 @@ class Engine:
         return min(span, self.max_len)
 
     @torch.inference_mode()
-    def stream(self, requests):
+    def stream(self, requests, seed=0):
         """Run requests to completion, refilling slots as rows finish.
 
         Args:
             requests: iterable of (prompt ids, max_new_tokens, key); key (hashable, e.g. (prompt_id, k)) names
-                the request's random stream with the engine's seed. Read lazily, as slots free up.
+                the request's random stream with the seed. Read lazily, as slots free up.
         Yields:
             (request number in input order, list of new token ids) as each request finishes.
         """
+        self.seed = seed
         waiting, todo = deque(), iter(requests)
         busy = {}  # slot -> [request number, prompt length, new tokens at the last look]
         number = 0
@@ -185,13 +186,26 @@ def generate(model, prompts, max_new_tokens, stop_ids, pad_id=0, temperature=1.0
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     seed = int(torch.randint(2 ** 62, ())) if seed is None else seed
     keys = range(len(prompts)) if keys is None else keys
-    engine = Engine(model, min(batch_size or len(prompts), len(prompts)),
-                    max(len(p) + m for p, m in zip(prompts, budgets)), stop_ids, temperature, top_k, top_p,
-                    vocab_limit, seed, pad_id=pad_id, **engine_kw)
+    slots = min(batch_size or len(prompts), len(prompts))
+    max_len = 1 << (max(len(p) + m for p, m in zip(prompts, budgets)) - 1).bit_length()  # a power of two
+    engine = _engine(model, slots, max_len, stop_ids, dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                           vocab_limit=vocab_limit, pad_id=pad_id, **engine_kw))
     results = [None] * len(prompts)
-    for i, tokens in engine.stream(zip(prompts, budgets, keys)):
+    for i, tokens in engine.stream(zip(prompts, budgets, keys), seed):
         results[i] = tokens
     return results
+
+
+def _engine(model, slots, max_len, stop_ids, kw):
+    """The engine of the model's previous generate call when it fits (a compiled decode step and its CUDA graphs
+    are kept: eval_winrate calls generate once per round), else a new one."""
+    settings = (slots, tuple(sorted(set(stop_ids or ()))), tuple(sorted(kw.items())))
+    engine = getattr(model, "_nanoalign_engine", None)
+    if engine is None or engine.settings != settings or engine.max_len < max_len:
+        engine = Engine(model, slots, max_len, stop_ids, **kw)
+        engine.settings = settings
+        model._nanoalign_engine = engine
+    return engine
 
 
 def generate_texts(model, chat, conversations, max_new_tokens, n=1, **kw):
