@@ -292,3 +292,34 @@ def test_generate_texts(tmp_path):
     assert texts == [[chat.decode(o)] * 2 for o in ids]
     sampled = generate_texts(model, chat, convs, max_new_tokens=6, n=3, temperature=1.0, seed=0)
     assert [len(s) for s in sampled] == [3, 3] and all(isinstance(t, str) for s in sampled for t in s)
+
+
+def test_stops_on_both_qwen_stop_ids(tmp_path):
+    """Rows end at <|im_end|> and at <|endoftext|> (chat.stop_ids, generate_texts' default): the model is steered to
+    say <|im_end|> after token X and <|endoftext|> after token Y, which two greedy rows emit at steps 1 and 2."""
+    from nanoalign.chat import load_chat
+    from nanoalign.toy import build_tokenizer
+    chat = load_chat(build_tokenizer(tmp_path / "tok"))
+    model = load_model(make_hf_model_dir(tmp_path / "m", vocab_size=64 * math.ceil((chat.vocab_size + 1) / 64),
+                                         initializer_range=0.2))
+    prompts = [chat.render_prompt([{"role": "user", "content": q}]) for q in ("Which is largest: 3, 9, 4?", "Hi")]
+    free = generate(model, prompts, 6, stop_ids=(), vocab_limit=chat.vocab_size, temperature=0)
+    x, y = free[0][1], free[1][2]
+    assert x not in free[0][:1] + free[1][:3] + [prompts[0][-1], prompts[1][-1]]
+    assert y not in free[0][:2] + free[1][:2] + [prompts[0][-1], prompts[1][-1]] and x != y
+    assert not set(chat.stop_ids) & set(free[0] + free[1])
+    fed = []
+    pre = model.model.register_forward_pre_hook(lambda m, args: fed.append(args[0][:, -1]))  # [b] tokens fed
+
+    def steer(module, inputs, out):  # decode: out [b, V]
+        out = out.clone()
+        out[:, chat.im_end_id] += 1e4 * (fed[-1] == x)
+        out[:, chat.endoftext_id] += 1e4 * (fed[-1] == y)
+        return out
+    post = model.lm_head.register_forward_hook(steer)
+    try:
+        outs = generate(model, prompts, 6, stop_ids=chat.stop_ids, vocab_limit=chat.vocab_size, temperature=0)
+    finally:
+        pre.remove()
+        post.remove()
+    assert outs == [free[0][:2] + [chat.im_end_id], free[1][:3] + [chat.endoftext_id]]
