@@ -123,6 +123,7 @@ class Engine:
             (request number in input order, list of new token ids) as each request finishes.
         """
         self.seed = seed
+        self.active.zero_()  # a stream left unfinished (an exception in the caller) leaves nothing running
         waiting, todo = deque(), iter(requests)
         busy = {}  # slot -> [request number, prompt length, new tokens at the last look]
         number = 0
