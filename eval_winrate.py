@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from nanoalign.chat import load_chat
+from nanoalign.completions import HttpPolicy, PolicyServerError
 from nanoalign.data import prompt_records, read_records
 from nanoalign.engine import generate
 from nanoalign.jsonl import ShardedJsonl
@@ -52,6 +53,12 @@ parser.add_argument("--max-new-tokens", type=int, default=256)
 parser.add_argument("--batch-size", type=int, default=64,
                     help="prompts per round: sequences decoded together for each side, then scored and written")
 parser.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graph for the decode step (CUDA)")
+parser.add_argument("--policy-url-a", default=None, help="A's answers from an OpenAI-compatible completions server "
+                    "(vLLM/SGLang, base URL …/v1) instead of loading --model-a, which names the model there")
+parser.add_argument("--policy-url-b", default=None, help="the same for B (--model-b names the model there)")
+parser.add_argument("--policy-concurrency", type=int, default=32, help="--policy-url-*: requests in flight")
+parser.add_argument("--policy-retries", type=int, default=4, help="--policy-url-*: retries of a failed request")
+parser.add_argument("--policy-timeout", type=float, default=600, help="--policy-url-*: seconds per request")
 parser.add_argument("--reward", default="Skywork/Skywork-Reward-V2-Qwen3-0.6B", help="`toy`, an http(s) URL, or a reward model")
 parser.add_argument("--reward-model", default="nvidia/llama-3.1-nemotron-70b-reward")
 parser.add_argument("--reward-batch-size", type=int, default=8)
@@ -64,7 +71,7 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
-one_line_errors(RewardServerError)
+one_line_errors(RewardServerError, PolicyServerError)
 assert (args.model_b is None) != (args.responses_b is None), "give exactly one of --model-b and --responses-b"
 # -----------------------------------------------------------------------------
 
@@ -94,13 +101,23 @@ if args.responses_b:  # keyed like the prompts: the row's prompt_id, else a hash
 if todo:
     chat = load_chat(args.tokenizer or args.model_a)
     dtype = DTYPES[args.precision]
-    model_a = load_merged(args.model_a, args.adapter_a, dtype=dtype, device=device)
-    model_b = load_merged(args.model_b, args.adapter_b, dtype=dtype, device=device) if args.model_b else None
+
+    def policy(model, adapters, url):
+        """The local model (adapters merged), or the completions server serving it (key from $OPENAI_API_KEY)."""
+        if url:
+            return HttpPolicy(url, model, chat.stop_ids, args.max_new_tokens, args.temperature, args.top_k,
+                              args.top_p, args.seed, timeout=args.policy_timeout, retries=args.policy_retries,
+                              concurrency=args.policy_concurrency, cache_path=out / "policy_cache.jsonl")
+        return load_merged(model, adapters, dtype=dtype, device=device)
+    model_a = policy(args.model_a, args.adapter_a, args.policy_url_a)
+    model_b = policy(args.model_b, args.adapter_b, args.policy_url_b) if args.model_b else None
     reward = load_reward(args.reward, device=device, batch_size=args.reward_batch_size, model=args.reward_model,
                          cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
                          timeout=args.reward_timeout, concurrency=args.reward_concurrency)
 
     def answer(model, prompt_ids, ids):
+        if isinstance(model, HttpPolicy):
+            return [text for text, _, _ in model.sample(list(zip(prompt_ids, ids)))]
         outputs = generate(model, prompt_ids, args.max_new_tokens, chat.stop_ids, chat.pad_id, args.temperature,
                            args.top_k, args.top_p, seed=args.seed, vocab_limit=chat.vocab_size, keys=ids,
                            compile=False if args.eager else None)

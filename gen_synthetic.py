@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from nanoalign.chat import load_chat
+from nanoalign.completions import HttpPolicy, PolicyServerError
 from nanoalign.data import prompt_records, read_records
 from nanoalign.engine import Engine
 from nanoalign.jsonl import ShardedJsonl, write_jsonl
@@ -50,6 +51,13 @@ parser.add_argument("--max-new-tokens", type=int, default=256)
 parser.add_argument("--batch-size", type=int, default=16,
                     help="prompts in flight (batch-size x num-samples sequences decoded together) and per round of scoring")
 parser.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graph for the decode step (CUDA)")
+parser.add_argument("--policy-url", default=None,
+                    help="sample from an OpenAI-compatible completions server (vLLM/SGLang) at this base URL (…/v1) "
+                         "instead of loading --model; key, if any, from $OPENAI_API_KEY")
+parser.add_argument("--policy-model", default=None, help="model name at --policy-url (default: --model)")
+parser.add_argument("--policy-concurrency", type=int, default=32, help="--policy-url: requests in flight")
+parser.add_argument("--policy-retries", type=int, default=4, help="--policy-url: retries of a failed request")
+parser.add_argument("--policy-timeout", type=float, default=600, help="--policy-url: seconds per request")
 parser.add_argument("--reward", default="Skywork/Skywork-Reward-V2-Qwen3-0.6B",
                     help="`toy` (rule-based), an http(s) URL (OpenAI-compatible endpoint), or a reward model dir / hub id")
 parser.add_argument("--reward-model", default="nvidia/llama-3.1-nemotron-70b-reward", help="model name at the endpoint")
@@ -65,7 +73,7 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
-one_line_errors(RewardServerError)
+one_line_errors(RewardServerError, PolicyServerError)
 # -----------------------------------------------------------------------------
 
 d = setup_distributed(args.device)
@@ -87,38 +95,59 @@ if d.world > 1:
     torch.distributed.barrier()  # every rank has read what is done before any rank writes
 todo = todo[d.rank::d.world]
 
-if todo:
+
+def local_samples(prompt_ids):
+    """(prompt index, n (text, n_tokens, finished)) as prompts finish, from the policy on this rank's device: the
+    engine refills a slot as soon as its row finishes, so rows of any lengths keep every slot busy."""
     model = load_merged(args.model, args.adapter, dtype=DTYPES[args.precision], device=device)
+    engine = Engine(model, args.batch_size * n, max(map(len, prompt_ids)) + args.max_new_tokens, chat.stop_ids,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, vocab_limit=chat.vocab_size,
+                    compile=False if args.eager else None, pad_id=chat.pad_id)
+    requests = ((ids, args.max_new_tokens, (todo[i][0], k)) for i, ids in enumerate(prompt_ids) for k in range(n))
+    outputs = defaultdict(dict)
+    for number, tokens in engine.stream(requests, seed=args.seed):
+        i, k = divmod(number, n)
+        outputs[i][k] = (chat.decode(tokens), len(tokens), bool(tokens) and tokens[-1] in chat.stop_ids)
+        if len(outputs[i]) == n:
+            group = outputs.pop(i)
+            yield i, [group[k] for k in range(n)]
+
+
+def server_samples(prompt_ids):
+    """The same from an OpenAI-compatible completions server (--policy-url), --batch-size prompts at a time."""
+    policy = HttpPolicy(args.policy_url, args.policy_model or args.model, chat.stop_ids, args.max_new_tokens,
+                        args.temperature, args.top_k, args.top_p, args.seed, timeout=args.policy_timeout,
+                        retries=args.policy_retries, concurrency=args.policy_concurrency,
+                        cache_path=out / "policy_cache.jsonl")
+    for start in range(0, len(prompt_ids), args.batch_size):
+        chunk = range(start, min(start + args.batch_size, len(prompt_ids)))
+        answers = policy.sample([(prompt_ids[i], (todo[i][0], k)) for i in chunk for k in range(n)])
+        for j, i in enumerate(chunk):
+            yield i, answers[j * n:(j + 1) * n]
+
+
+def score_and_write(ready):
+    """Score whole prompts [(prompt index, n (text, n_tokens, finished))] and append them to this rank's part."""
+    texts = [text for _, answers in ready for text, _, _ in answers]
+    conversations = [todo[i][1] for i, _ in ready for _ in range(n)]
+    scores = reward.score(conversations, texts, ids=[todo[i][0] for i, _ in ready for _ in range(n)])
+    samples.append([dict(prompt_id=todo[i][0], prompt=todo[i][1], sample=k, response=text, score=scores[j * n + k],
+                         n_tokens=n_tokens, finished=finished)
+                    for j, (i, answers) in enumerate(ready) for k, (text, n_tokens, finished) in enumerate(answers)])
+    progress.update(len(ready))
+
+
+if todo:
     chat = load_chat(args.tokenizer or args.model)
     reward = load_reward(args.reward, device=device, batch_size=args.reward_batch_size, model=args.reward_model,
                          cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
                          timeout=args.reward_timeout, concurrency=args.reward_concurrency)
     prompt_ids = [chat.render_prompt(messages)[-args.max_prompt_len:] for _, messages in todo]
-    engine = Engine(model, args.batch_size * n, max(map(len, prompt_ids)) + args.max_new_tokens, chat.stop_ids,
-                    args.temperature, args.top_k, args.top_p, chat.vocab_size, args.seed,
-                    compile=False if args.eager else None, pad_id=chat.pad_id)
-    requests = ((ids, args.max_new_tokens, (pid, k)) for (pid, _), ids in zip(todo, prompt_ids) for k in range(n))
-    outputs, ready = defaultdict(dict), []  # prompt index -> {k: new ids}; prompts with all n samples
-
-    def score_and_write(ready):
-        """Score whole prompts (all n samples) and append them to this rank's part file."""
-        chunk = [(*todo[i], [outs[k] for k in range(n)]) for i, outs in ((i, outputs.pop(i)) for i in ready)]
-        texts = [chat.decode(o) for _, _, outs in chunk for o in outs]
-        conversations = [messages for _, messages, _ in chunk for _ in range(n)]
-        scores = reward.score(conversations, texts, ids=[pid for pid, _, _ in chunk for _ in range(n)])
-        samples.append([dict(prompt_id=pid, prompt=messages, sample=k, response=texts[i * n + k],
-                             score=scores[i * n + k], n_tokens=len(outs[k]),
-                             finished=bool(outs[k]) and outs[k][-1] in chat.stop_ids)
-                        for i, (pid, messages, outs) in enumerate(chunk) for k in range(n)])
-        progress.update(len(chunk))
-
     progress = Progress(len(todo), "prompts", enabled=d.is_main)
-    for number, tokens in engine.stream(requests):  # rows come back as they finish, slots refilled meanwhile
-        i, k = divmod(number, n)
-        outputs[i][k] = tokens
-        if len(outputs[i]) == n:
-            ready.append(i)
-        if len(ready) >= args.batch_size:
+    ready = []
+    for finished_prompt in (server_samples if args.policy_url else local_samples)(prompt_ids):
+        ready.append(finished_prompt)
+        if len(ready) == args.batch_size:
             score_and_write(ready)
             ready = []
     if ready:

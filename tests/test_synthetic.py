@@ -282,6 +282,61 @@ def test_reward_server_failure_then_resume(setup, stub, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# gen_synthetic.py sampling from an OpenAI-compatible completions server (--policy-url)
+
+def completion_reply(stub, path, headers, body):
+    """A vLLM-like /v1/completions: its answer is a digit and a finish reason that follow from the request's seed;
+    a 500 for every request after `fail_after` successful ones."""
+    with stub.lock:
+        failing = stub.fail_after is not None and stub.ok >= stub.fail_after
+        stub.ok += not failing
+        stub.log.append((500 if failing else 200, path, body))
+    if failing:
+        return 500, {"error": "engine overloaded"}
+    finished = body["seed"] % 3 != 0
+    return 200, {"choices": [{"index": 0, "text": str(body["seed"] % 10), "logprobs": None,
+                              "finish_reason": "stop" if finished else "length"}],
+                 "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": 2 if finished else 7,
+                           "total_tokens": len(body["prompt"]) + 7}}
+
+
+def test_policy_url_samples_from_a_completions_server_and_resumes(setup, tmp_path):
+    from nanoalign.sampling import stream_key
+    stub = SimpleNamespace(lock=threading.Lock(), log=[], ok=0, fail_after=8)
+    prompts = prompt_records(read_records(setup["prompts"]), 6)
+    chat = load_chat(setup["policy"])
+    out = tmp_path / "served"
+    with json_server(lambda *request: completion_reply(stub, *request)) as url:
+        args = ("--max-prompts", 6, "--batch-size", 2, "--reward", "toy", "--policy-url", url,
+                "--policy-model", "merged", "--policy-retries", 1, "--top-k", 5, "--seed", 7)
+        # run 1: the server dies after 8 answers, during the second batch of 2 prompts x 3 samples
+        proc = gen(setup, out, *args, check=False)
+        error = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert error.startswith(f"error: policy server {url}/completions: HTTP 500") and "after 2 attempts" in error
+        assert len(groups(read_rows(out / "samples.part0-of-1.jsonl"))) == 2
+        stub.fail_after, n_log = None, len(stub.log)
+        proc = gen(setup, out, *args)
+    assert "6 prompts: 2 done before, 4 to sample" in proc.stdout
+    asked = [body for status, _, body in stub.log[n_log:]]
+    assert len(asked) == 4 * N - 2  # the 2 answers of the failed batch came from the cache
+    rows = read_rows(out / "samples.jsonl")
+    check_complete(rows, prompts)
+    ids = {pid: chat.render_prompt(messages) for pid, messages in prompts}
+    for r in rows:
+        seed = stream_key(7, (r["prompt_id"], r["sample"]))[0]  # sample k of prompt p: the server's draw `seed`
+        assert (r["response"], r["finished"], r["n_tokens"]) == (str(seed % 10), seed % 3 != 0, 2 if seed % 3 else 7)
+        assert r["score"] == toy.reward(r["prompt"], r["response"])
+    assert {path for _, path, _ in stub.log} == {"/v1/completions"}
+    bodies = {(tuple(b["prompt"]), b["seed"]): b for _, _, b in stub.log}
+    assert {(tuple(ids[r["prompt_id"]]), stream_key(7, (r["prompt_id"], r["sample"]))[0]) for r in rows} == set(bodies)
+    for b in bodies.values():  # our chat template's ids, both Qwen stop ids, the run's settings
+        assert (b["model"], b["max_tokens"], b["temperature"], b["top_p"], b["top_k"], b["n"]) == \
+            ("merged", 2, 0.8, 0.95, 5, 1)
+        assert b["stop_token_ids"] == list(chat.stop_ids) and tuple(b["prompt"]) in {tuple(v) for v in ids.values()}
+
+
+# -----------------------------------------------------------------------------
 # eval_winrate.py
 
 def evaluate(setup, out, *args, check=True, nproc=1):
@@ -336,6 +391,20 @@ def test_eval_model_vs_model_and_rerun(setup, tmp_path):
     for name in ("per_prompt.jsonl", "summary.json"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     assert len({r["response_a"] for r in read_rows(tmp_path / "one" / "per_prompt.jsonl")}) > 2  # really sampled
+
+
+def test_eval_policy_url_against_a_local_model(setup, tmp_path):
+    from nanoalign.sampling import stream_key
+    stub = SimpleNamespace(lock=threading.Lock(), log=[], ok=0, fail_after=None)
+    prompts = prompt_records(read_records(setup["eval_prompts"]))
+    with json_server(lambda *request: completion_reply(stub, *request)) as url:
+        evaluate(setup, tmp_path / "served", "--policy-url-a", url, "--model-b", setup["seven"], "--name-b", "sevens",
+                 "--seed", 3)
+    rows, _ = check_verdicts(tmp_path / "served", prompts, 0.0)
+    assert [r["response_a"] for r in rows] == [str(stream_key(3, pid)[0] % 10) for pid, _ in prompts]
+    assert {r["response_b"] for r in rows} == {"7"} and len(stub.log) == len(prompts)
+    assert {b["temperature"] for _, _, b in stub.log} == {0.0} and {b["model"] for _, _, b in stub.log} == \
+        {str(setup["policy"])}
 
 
 def test_eval_model_vs_stored_responses(setup, tmp_path):
