@@ -13,6 +13,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 DATA_EXTS = (".parquet", ".jsonl", ".json")
@@ -460,6 +461,59 @@ def sft_batches(examples, batch_size, pad_id, seed=0, epoch=0, bucket=50):
     for idx in batch_indices([len(ex["ids"]) for ex in examples], batch_size, seed, epoch, bucket):
         yield (pad_right([examples[i]["ids"] for i in idx], pad_id),
                pad_right([examples[i]["mask"] for i in idx], 0))
+
+
+def pack(lengths, pack_len, seed):
+    """Best-fit-decreasing packing of examples into rows of at most pack_len tokens: list of index lists.
+
+    Longest first (ties in a seeded random order), each into the fullest row it still fits, so rows end up
+    nearly full (typically > 95% of tokens real on chat data). Deterministic in (lengths, pack_len, seed).
+    """
+    assert max(lengths) <= pack_len, f"an example of {max(lengths)} tokens does not fit a row of {pack_len}"
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -lengths[i])
+    rows, by_free = [], [[] for _ in range(pack_len + 1)]  # by_free[c]: rows with c tokens of room left
+    count = np.zeros(pack_len + 1, dtype=np.int64)  # len(by_free[c]), to find the tightest fit in one numpy call
+    for i in order:
+        n = lengths[i]
+        fits = np.flatnonzero(count[n:])
+        if len(fits):
+            free = n + int(fits[0])
+            r = by_free[free].pop()
+            count[free] -= 1
+        else:
+            free, r = pack_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        by_free[free - n].append(r)
+        count[free - n] += 1
+    return rows
+
+
+def packed_batch(examples, rows, pack_len, pad_id):
+    """Packed rows: the examples of each row concatenated and right-padded to pack_len.
+
+    Returns:
+        input_ids [b, pack_len]; loss_mask [b, pack_len]: each example's own mask, except 0 on its first token
+        (in a packed row that token follows another document, whose last hidden state must not be trained to
+        predict it; unpacked, mask[0] is never used either), 0 on pads; document_ids [b, pack_len]: 0, 1, ...
+        per example, the padding tail its own document.
+    """
+    ids = torch.full((len(rows), pack_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), pack_len), dtype=torch.long)
+    docs = torch.empty((len(rows), pack_len), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for doc, i in enumerate(row):
+            n = len(examples[i]["ids"])
+            assert at + n <= pack_len, f"row {r} holds more than {pack_len} tokens"
+            ids[r, at:at + n] = torch.as_tensor(examples[i]["ids"])
+            mask[r, at + 1:at + n] = torch.as_tensor(examples[i]["mask"][1:])
+            docs[r, at:at + n] = doc
+            at += n
+        docs[r, at:] = len(row)
+    return ids, mask, docs
 
 
 def preference_batch(examples, pad_id):
