@@ -27,11 +27,13 @@ from nanoalign.chat import load_chat
 from nanoalign.completions import HttpPolicy, PolicyServerError
 from nanoalign.data import prompt_records, read_records
 from nanoalign.engine import Engine
+from nanoalign.errors import InputError
 from nanoalign.jsonl import ShardedJsonl, write_jsonl
 from nanoalign.lora import load_merged
 from nanoalign.preferences import best_worst_pair
-from nanoalign.reward import RewardServerError, load_reward
-from nanoalign.train import DTYPES, Progress, cleanup_distributed, one_line_errors, print0, setup_distributed
+from nanoalign.reward import RewardServerError, load_reward, prompt_check
+from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, one_line_errors, print0,
+                             setup_distributed)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,19 +70,26 @@ parser.add_argument("--reward-concurrency", type=int, default=8, help="http rewa
 parser.add_argument("--min-gap", type=float, default=0.0, help="keep a pair only if best - worst score >= this")
 parser.add_argument("--drop-empty", action="store_true", help="never use an empty completion in a pair")
 parser.add_argument("--drop-truncated", action="store_true", help="never use a completion cut at --max-new-tokens")
-parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="model dtype for sampling")
+parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="dtype of the policies and a local reward model (default: bf16 on a GPU with bf16, else fp32)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
 one_line_errors(RewardServerError, PolicyServerError)
+if not (args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
+    raise InputError(f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1, got {args.temperature}, "
+                     f"{args.top_k}, {args.top_p}")
 # -----------------------------------------------------------------------------
 
 d = setup_distributed(args.device)
 device = d.device if args.device in (None, "cuda") else torch.device(args.device)  # cuda: this rank's GPU
+args.precision = choose_precision(args.precision, device)
 out = Path(args.out)
 n = args.num_samples
-prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts)
+# checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
+prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
+                         check=prompt_check(args.reward))
 
 # resume: prompts with all n samples on disk (any earlier run, any world size) are done; the rest is redone
 samples = ShardedJsonl(out / "samples.jsonl", key=lambda r: (r["prompt_id"], r["sample"]), rank=d.rank, world=d.world)
@@ -99,7 +108,7 @@ todo = todo[d.rank::d.world]
 def local_samples(prompt_ids):
     """(prompt index, n (text, n_tokens, finished)) as prompts finish, from the policy on this rank's device: the
     engine refills a slot as soon as its row finishes, so rows of any lengths keep every slot busy."""
-    model = load_merged(args.model, args.adapter, dtype=DTYPES[args.precision], device=device)
+    model = load_merged(args.model, args.adapter, dtype=dtype, device=device)
     engine = Engine(model, args.batch_size * n, max(map(len, prompt_ids)) + args.max_new_tokens, chat.stop_ids,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, vocab_limit=chat.vocab_size,
                     compile=False if args.eager else None, pad_id=chat.pad_id)
@@ -138,9 +147,10 @@ def score_and_write(ready):
 
 
 if todo:
+    dtype = DTYPES[args.precision]
     chat = load_chat(args.tokenizer or args.model)
-    reward = load_reward(args.reward, device=device, batch_size=args.reward_batch_size, model=args.reward_model,
-                         cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
+    reward = load_reward(args.reward, device=device, dtype=dtype, batch_size=args.reward_batch_size,
+                         model=args.reward_model, cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
                          timeout=args.reward_timeout, concurrency=args.reward_concurrency)
     prompt_ids = [chat.render_prompt(messages)[-args.max_prompt_len:] for _, messages in todo]
     progress = Progress(len(todo), "prompts", enabled=d.is_main)
