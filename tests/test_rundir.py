@@ -238,7 +238,7 @@ def test_argument_types():
 @pytest.mark.parametrize("script,flag,value,want", [
     ("train_sft.py", "--grad-accum", "0", "an integer >= 1"),
     ("train_dpo.py", "--beta", "-0.1", "a number > 0"),
-    ("gen_synthetic.py", "--n", "0", "an integer >= 1"),
+    ("gen_synthetic.py", "--num-samples", "0", "an integer >= 1"),
     ("eval_winrate.py", "--batch-size", "0", "an integer >= 1"),
 ])
 def test_nonsense_flags_are_rejected_at_parsing(script, flag, value, want, tmp_path):
