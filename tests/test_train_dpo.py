@@ -247,6 +247,19 @@ def test_stacked_second_round_and_merge(setup, learned, tmp_path):
     assert (our_logits - r1_logits).abs().max().item() > 1e-3  # round 2 changed something
 
 
+def test_round2_on_an_adapter_trained_with_dropout_starts_at_ln2(setup, tmp_path):
+    """Round 1 trained with --lora-dropout 0.1: loaded frozen under round 2 it applies no dropout, so the train-mode
+    policy pass equals the eval-mode reference pass and step 0 is exactly ln 2 (0.6968 when it kept its dropout)."""
+    dpo(setup, tmp_path / "r1", "--max-steps", 3, "--lr", 1e-2, "--batch-size", 4, "--eval-frac", 0,
+        "--lora-dropout", 0.1)
+    assert json.loads((tmp_path / "r1/final/adapter_config.json").read_text())["lora_dropout"] == 0.1
+    assert lora_b_max(tmp_path / "r1/final") > 1e-3
+    dpo(setup, tmp_path / "r2", "--adapter", tmp_path / "r1/final", "--max-steps", 1, "--batch-size", 4,
+        "--eval-frac", 0)
+    first = read_metrics(tmp_path / "r2")[0]
+    assert first["loss"] == pytest.approx(LN2, abs=1e-6) and first["chosen_reward"] == 0.0, first
+
+
 def test_precompute_notices_a_retrained_adapter(setup, learned, small, tmp_path):
     """The cache is keyed by the weights under the new adapter: a retrained round-1 adapter at the same path must
     not reuse the old reference (step 0 would then not be ln 2)."""
