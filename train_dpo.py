@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from nanoalign.chat import load_chat
-from nanoalign.data import mix, preference_batch, preference_examples, read_records, shard, split_holdout, step_batches
+from nanoalign.data import holdout_and_mix, preference_batch, preference_examples, read_records, shard, step_batches
 from nanoalign.errors import InputError
 from nanoalign.lora import adapters_disabled, add_lora, describe, load_adapter, load_merged, save_adapter
 from nanoalign.losses import dpo_loss, dpo_metrics, sequence_logps
@@ -94,18 +94,21 @@ for source in args.data:
                                           args.max_len, args.max_prompt_len)
     print0(f"{source}: {stats}")
     sources.append(examples)
-weights = [float(w) for w in args.data_weights.split(",")] if args.data_weights else [1.0] * len(sources)
+try:
+    weights = [float(w) for w in args.data_weights.split(",")] if args.data_weights else [1.0] * len(sources)
+except ValueError:
+    raise InputError(f"--data-weights {args.data_weights}: want comma-separated numbers, e.g. 1,0.25") from None
 if len(weights) != len(sources):
     raise InputError(f"--data-weights has {len(weights)} values for {len(sources)} --data sources")
-pairs = mix(sources, weights, args.seed)
-train_set, eval_pairs = split_holdout(pairs, args.eval_frac, args.seed) if args.eval_frac > 0 else (pairs, [])
-eval_set = shard(eval_pairs, d.rank, d.world) if len(eval_pairs) >= d.world else []
+# held out per source before mixing, so an upsampled source's eval pairs have no copies in train
+train_set, eval_pairs = holdout_and_mix(sources, weights, args.eval_frac, args.seed)
+eval_set = shard(eval_pairs, d.rank, d.world)  # uneven shares: the eval covers every held-out pair
 steps_per_epoch = len(train_set) // (args.batch_size * args.grad_accum * d.world)
 if steps_per_epoch == 0:
     raise InputError(f"{len(train_set)} pairs are fewer than one global batch "
                      f"(--batch-size x --grad-accum x world size)")
 total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval pairs; {total_steps} steps")
+print0(f"{len(train_set)} train / {len(eval_pairs)} eval pairs; {total_steps} steps")
 
 # policy: base + frozen earlier adapters + the new trainable one
 resume_dir = resolve_resume(args.resume, out)
@@ -166,7 +169,7 @@ def precompute_reference(examples, path):
             return cached["logps"]
         print0(f"{path} is stale (other model, settings or data): recomputing")
     logps = {}
-    mine = shard(examples, d.rank, d.world) if len(examples) >= d.world else examples
+    mine = shard(examples, d.rank, d.world)
     progress = Progress(len(mine), "reference", d.is_main)
     for i in range(0, len(mine), args.batch_size * 2):
         batch = mine[i:i + args.batch_size * 2]
@@ -180,10 +183,6 @@ def precompute_reference(examples, path):
         gathered = [None] * d.world
         torch.distributed.all_gather_object(gathered, logps)
         logps = {k: v for part in gathered for k, v in part.items()}
-    missing = [ex for ex in examples if pair_key(ex) not in logps]  # the remainder `shard` left out
-    for ex in missing:
-        ids, mask = (t.to(d.device) for t in preference_batch([ex], chat.pad_id))
-        logps[pair_key(ex)] = tuple(reference_logps(ids, mask).tolist())
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"fingerprint": fingerprint, "logps": logps}, path)
@@ -193,6 +192,9 @@ def precompute_reference(examples, path):
 # every rank passes the same list (all eval pairs, not its shard), so all agree on reusing the file (no collective)
 # or recomputing it (all_gather_object), and the file holds every pair of every rank
 ref_cache = precompute_reference(train_set + eval_pairs, out / "ref_logps.pt") if args.precompute_ref else None
+
+
+METRICS = list(dpo_metrics(*torch.zeros(5, 1)))  # the logged names, in order
 
 
 def dpo_forward(forward, ids, mask, batch):
@@ -220,20 +222,20 @@ ddp_model = wrap_ddp(torch.compile(model) if args.compile else model, d)
 
 @torch.no_grad()
 def evaluate():
+    """Mean metrics over every held-out pair: per-rank sums (a rank may have no pairs) over the global count."""
     model.eval()
-    sums, n = None, 0
+    sums = torch.zeros(len(METRICS), dtype=torch.float64, device=d.device)
     for i in range(0, len(eval_set), args.batch_size):
         batch = eval_set[i:i + args.batch_size]
         ids, mask = (t.to(d.device) for t in preference_batch(batch, chat.pad_id))
         with autocast(d.device, args.precision):
             policy, losses, cr, rr = dpo_forward(model, ids, mask, batch)
         m = dpo_metrics(losses, cr, rr, policy[:len(batch)], policy[len(batch):])
-        row = torch.stack([v.float() for v in m.values()]) * len(batch)
-        sums, n = (row if sums is None else sums + row), n + len(batch)
+        sums += torch.stack([v.double() for v in m.values()]) * len(batch)
     model.train()
     if d.world > 1:
         torch.distributed.all_reduce(sums)
-    return {f"eval_{k}": v / all_reduce_sum(n, d.device) for k, v in zip(m.keys(), sums.tolist())}
+    return {f"eval_{k}": v / len(eval_pairs) for k, v in zip(METRICS, sums.tolist())}
 
 
 def save(name, final=False):
@@ -280,7 +282,7 @@ while step < total_steps:
         torch.distributed.all_reduce(sums)
     row = dict(step=step, lr=lr, grad_norm=grad_norm, **{k: v / global_pairs for k, v in zip(m.keys(), sums.tolist())},
                pairs_per_s=global_pairs / (time.time() - t0))
-    if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_set:
+    if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_pairs:
         row.update(evaluate())
     metrics.log(**row)
     progress.update(loss=row["loss"], acc=row["reward_acc"], margin=row["reward_margin"],

@@ -86,8 +86,8 @@ chat = load_chat(args.tokenizer or model_dir)
 examples, stats = sft_examples(read_records(args.data, args.data_split, args.data_config), chat, args.max_len,
                                args.truncation)
 print0(f"data: {stats}")
-train_set, eval_set = split_holdout(examples, args.eval_frac, args.seed) if args.eval_frac > 0 else (examples, [])
-eval_set = shard(eval_set, d.rank, d.world) if len(eval_set) >= d.world else []
+train_set, eval_rows = split_holdout(examples, args.eval_frac, args.seed)
+eval_set = shard(eval_rows, d.rank, d.world)  # uneven shares: the eval loss covers every held-out conversation
 # a training unit is a packed row (lists of conversation indices), or one conversation
 lengths = [len(ex["ids"]) for ex in train_set]
 units = pack(lengths, args.max_len, args.seed) if args.pack else [[i] for i in range(len(train_set))]
@@ -97,7 +97,7 @@ if steps_per_epoch == 0:
     raise InputError(f"{len(units)} {unit_name} are fewer than one global batch "
                      f"(--batch-size x --grad-accum x world size)")
 total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval conversations"
+print0(f"{len(train_set)} train / {len(eval_rows)} eval conversations"
        + (f" in {len(units)} packed rows" if args.pack else "") + f"; {total_steps} steps")
 
 # model (fp32 master weights; autocast does the matmuls in bf16/fp16)
@@ -139,7 +139,7 @@ def step_micro_batches(start_step):
 
 @torch.no_grad()
 def evaluate():
-    """Mean loss over every assistant token of the eval split (all ranks)."""
+    """Mean loss over every assistant token of the eval split: per-rank sums (a rank may have none) all-reduced."""
     model.eval()
     nll, count = 0.0, 0
     for ids, mask in sft_batches(eval_set, args.batch_size, chat.pad_id):
@@ -191,7 +191,7 @@ while step < total_steps:
     dt = time.time() - t0
     row = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, trained_tokens=int(step_tokens),
                tokens_per_s=tokens / dt)
-    if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_set:
+    if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_rows:
         row["eval_loss"] = evaluate()
     metrics.log(**row)
     progress.update(loss=loss_value, **({"eval": row["eval_loss"]} if "eval_loss" in row else {}),

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from nanoalign import toy
 from nanoalign.chat import load_chat
-from nanoalign.data import mix, preference_examples, read_records, split_holdout, step_batches
+from nanoalign.data import holdout_and_mix, preference_examples, read_records, step_batches
 from nanoalign.lora import adapters_disabled, load_adapter, load_merged
 from nanoalign.model import load_model, save_model
 from tests.fixtures import cached_toy_setup, max_weight_diff, read_metrics, read_weights, run_script, write_jsonl
@@ -27,9 +27,10 @@ FP32 = ("--device", "cpu", "--precision", "fp32")
 LN2 = math.log(2)
 BETA = 0.1  # the script's default
 N_PAIRS, N_EVAL = 352, 256  # the learning run trains on 96 pairs and measures its held-out accuracy on 256
-# the runs that check DDP, accumulation and the precomputed reference: 3 steps, 18 held-out pairs (even, so two
-# ranks evaluate every one of them and the eval metrics can be compared too)
-SMALL = ("--max-steps", 3, "--lr", 2e-3, "--eval-frac", 0.05)
+# the runs that check DDP, accumulation and the precomputed reference: 3 steps, 19 held-out pairs (odd, so two
+# ranks evaluate 10 and 9 of them: the eval metrics must still be those of one process over all 19)
+SMALL_EVAL = 0.054  # round(0.054 * 352) = 19
+SMALL = ("--max-steps", 3, "--lr", 2e-3, "--eval-frac", SMALL_EVAL)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def dpo(setup, out, *args, nproc=1, check=True):
 def splits(setup, eval_frac, seed=0):
     """The script's train / eval pairs, rebuilt here with the data functions (default max lengths)."""
     examples, _ = preference_examples(read_records(setup.prefs), setup.chat, 1024, 512)
-    return split_holdout(mix([examples], [1.0], seed), eval_frac, seed)
+    return holdout_and_mix([examples], [1.0], eval_frac, seed)
 
 
 def first_batch(setup, batch_size, eval_frac, seed=0):
@@ -175,7 +176,7 @@ def test_ddp_and_accumulation_match_one_big_batch(setup, small, tmp_path):
         for r, r_big in zip(rows, big):
             for k in ("loss", "reward_acc", "reward_margin", "chosen_logps", "rejected_logps", "grad_norm"):
                 assert r[k] == pytest.approx(r_big[k], rel=1e-6, abs=1e-5), (name, r["step"], k)  # logps ~ -100
-        for k in ("eval_loss", "eval_reward_acc", "eval_reward_margin"):  # 18 eval pairs, 9 per rank
+        for k in ("eval_loss", "eval_reward_acc", "eval_reward_margin"):  # 19 eval pairs, 10 + 9 on 2 ranks
             assert rows[-1][k] == pytest.approx(big[-1][k], abs=1e-5), (name, k)
         assert max_weight_diff(read_weights(tmp_path / name / "final"), read_weights(small / "big" / "final")) < 1e-5
     assert lora_b_max(small / "big" / "final") > 1e-3  # the adapter moved (B starts at 0), 100x the tolerance
@@ -202,7 +203,7 @@ def test_precomputed_reference(setup, small, tmp_path):
     # one entry per pair, train and eval (each rank's eval shard included): the (chosen, rejected) log-probs of the
     # plain model
     cache = torch.load(out / "ref_logps.pt", weights_only=False)
-    train_set, eval_set = splits(setup, 0.05)
+    train_set, eval_set = splits(setup, SMALL_EVAL)
     assert len(cache["logps"]) == len(train_set) + len(eval_set) == N_PAIRS
     cached = torch.tensor(list(cache["logps"].values()), dtype=torch.float64)  # [n, 2]
     expected = plain_logps(load_model(setup.model).eval(), train_set + eval_set)  # [n, 2]
@@ -210,11 +211,11 @@ def test_precomputed_reference(setup, small, tmp_path):
     assert nearest.max().item() < 1e-4
 
     # reused as is by a 1-rank run
-    proc = dpo(setup, out, "--max-steps", 1, "--eval-frac", 0.05, "--batch-size", 4, "--precompute-ref")
+    proc = dpo(setup, out, "--max-steps", 1, "--eval-frac", SMALL_EVAL, "--batch-size", 4, "--precompute-ref")
     assert f"reference log-probs from {out / 'ref_logps.pt'}" in proc.stdout and "stale" not in proc.stdout
     assert read_metrics(out)[-1]["loss"] == pytest.approx(LN2, abs=1e-5)
     # another --max-len is another truncation: recomputed
-    proc = dpo(setup, out, "--max-steps", 1, "--eval-frac", 0.05, "--batch-size", 4, "--precompute-ref",
+    proc = dpo(setup, out, "--max-steps", 1, "--eval-frac", SMALL_EVAL, "--batch-size", 4, "--precompute-ref",
                "--max-len", 768)
     assert "stale" in proc.stdout and "reference log-probs from" not in proc.stdout, proc.stdout
     assert read_metrics(out)[-1]["loss"] == pytest.approx(LN2, abs=1e-5)
@@ -335,9 +336,10 @@ def test_human_and_synthetic_sources_are_mixed(setup, tmp_path):
     out = tmp_path / "mixed"
     proc = run_script(SCRIPT, "--model", setup.model, "--data", setup.prefs, "--data", synth_file,
                       "--data-weights", "0.25,1.5", "--out", out, *FP32, "--save-every", 0, "--max-steps", 1,
-                      "--batch-size", 4, "--eval-frac", 0)
-    # mix: round(0.25 * 352) human + round(1.5 * 40) synthetic = 88 + 60 pairs
-    assert "148 train / 0 eval pairs" in proc.stdout
+                      "--batch-size", 4, "--eval-frac", 0.1)
+    # 10% held out of each source first (35 + 4 pairs, each once), then the rest mixed:
+    # round(0.25 * 317) human + round(1.5 * 36) synthetic = 79 + 54 pairs
+    assert "133 train / 39 eval pairs" in proc.stdout
     assert f"{setup.prefs}: {{'kept': {N_PAIRS}" in proc.stdout and f"{synth_file}: {{'kept': 40" in proc.stdout
     bad = run_script(SCRIPT, "--model", setup.model, "--data", setup.prefs, "--data-weights", "1,1", "--out",
                      tmp_path / "bad", *FP32, check=False)

@@ -49,8 +49,9 @@ def train(toy_setup, data, out, *args, nproc=1):
 
 def test_ddp_and_accumulation_match_one_big_batch(toy_setup, varied_sft, tmp_path):
     """Global batch of 4 conversations, split four ways: the same loss, grad norm, eval loss and final weights.
-    (A per-micro-batch mean of means moves the weights ~4e-3 here; float noise ~1e-6.)"""
-    common = ("--max-steps", 3, "--lr", 1e-3, "--eval-frac", 0.25, "--eval-every", 0, "--save-every", 0, *UNPACKED)
+    (A per-micro-batch mean of means moves the weights ~4e-3 here; float noise ~1e-6.) 5 held-out conversations:
+    two ranks evaluate 3 and 2 of them, and the eval loss is still that of one process over all 5."""
+    common = ("--max-steps", 3, "--lr", 1e-3, "--eval-frac", 0.3, "--eval-every", 0, "--save-every", 0, *UNPACKED)
     splits = {  # name: (processes, batch size, accumulation steps)
         "1x4": (1, 4, 1), "ddp 2x2": (2, 2, 1), "1x2 accum 2": (1, 2, 2), "ddp 2x1 accum 2": (2, 1, 2)}
     runs = {name: train(toy_setup, varied_sft, tmp_path / str(i), "--batch-size", b, "--grad-accum", k, *common,
