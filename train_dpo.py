@@ -27,10 +27,10 @@ from nanoalign.errors import InputError
 from nanoalign.lora import adapters_disabled, add_lora, describe, load_adapter, load_merged, save_adapter
 from nanoalign.losses import dpo_loss, dpo_metrics, sequence_logps
 from nanoalign.model import load_model, resolve_model_dir, save_model
-from nanoalign.train import (DTYPES, MetricsLog, Progress, all_reduce_sum, autocast, cleanup_distributed,
-                             load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync, one_line_errors,
-                             optimizer_step, print0, resolve_resume, save_train_state, set_lr, setup_distributed,
-                             wrap_ddp)
+from nanoalign.train import (DTYPES, DivergenceGuard, MetricsLog, Progress, all_reduce_sum, autocast,
+                             check_finite_weights, cleanup_distributed, load_train_state, lr_at, make_optimizer,
+                             make_scaler, maybe_no_sync, one_line_errors, optimizer_step, print0, resolve_resume,
+                             save_train_state, set_lr, setup_distributed, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +65,9 @@ parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], defa
 parser.add_argument("--warmup-steps", type=int, default=0)
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--clip", type=float, default=1.0)
+parser.add_argument("--max-bad-steps", type=int, default=3,
+                    help="stop after this many steps in a row with a non-finite loss or gradient norm, each skipped "
+                         "(0 = never stop; fp16 overflows the GradScaler skips do not count)")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
 parser.add_argument("--base-dtype", choices=["auto", "fp32", "bf16"], default="auto",
                     help="dtype of the frozen base (auto: bf16 under bf16 autocast; adapters always train in fp32)")
@@ -239,6 +242,7 @@ def evaluate():
 
 
 def save(name, final=False):
+    check_finite_weights(model, step)
     ckpt = out / name
     if d.is_main:
         save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
@@ -251,6 +255,7 @@ def save(name, final=False):
 
 
 metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
+guard = DivergenceGuard(args.max_bad_steps)
 progress = Progress(total_steps, "dpo", d.is_main, start=step)
 steps = step_batches([len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) for ex in train_set],
                      args.batch_size, args.grad_accum, d.rank, d.world, args.seed, start_step=step)
@@ -276,15 +281,17 @@ while step < total_steps:
         m = dpo_metrics(losses.detach(), cr, rr, policy[:len(batch)].detach(), policy[len(batch):].detach())
         row = torch.stack([v.float() for v in m.values()]) * len(batch)
         sums = row if sums is None else sums + row
-    grad_norm = optimizer_step(model, optimizer, scaler, args.clip)
-    step += 1
     if d.world > 1:
         torch.distributed.all_reduce(sums)
-    row = dict(step=step, lr=lr, grad_norm=grad_norm, **{k: v / global_pairs for k, v in zip(m.keys(), sums.tolist())},
-               pairs_per_s=global_pairs / (time.time() - t0))
+    means = {k: v / global_pairs for k, v in zip(METRICS, sums.tolist())}
+    grad_norm, bad = optimizer_step(model, optimizer, scaler, args.clip, means["loss"])
+    step += 1
+    row = dict(step=step, lr=lr, grad_norm=grad_norm, **means, pairs_per_s=global_pairs / (time.time() - t0),
+               **({"skipped": True} if bad else {}))
     if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_pairs:
         row.update(evaluate())
     metrics.log(**row)
+    guard.update(step, bad, row["loss"], grad_norm)
     progress.update(loss=row["loss"], acc=row["reward_acc"], margin=row["reward_margin"],
                     **({"eval_acc": row["eval_reward_acc"]} if "eval_reward_acc" in row else {}))
     if args.save_every and step % args.save_every == 0 and step < total_steps:

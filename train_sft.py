@@ -23,9 +23,10 @@ from nanoalign.data import (pack, packed_batch, pad_right, read_records, sft_bat
 from nanoalign.errors import InputError
 from nanoalign.losses import masked_logps, sft_loss
 from nanoalign.model import PACKED_ATTENTION, load_model, resolve_model_dir, save_model
-from nanoalign.train import (MetricsLog, Progress, all_reduce_sum, autocast, cleanup_distributed, load_train_state,
-                             lr_at, make_optimizer, make_scaler, maybe_no_sync, one_line_errors, optimizer_step,
-                             print0, resolve_resume, save_train_state, set_lr, setup_distributed, wrap_ddp)
+from nanoalign.train import (DivergenceGuard, MetricsLog, Progress, all_reduce_sum, autocast, check_finite_weights,
+                             cleanup_distributed, load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync,
+                             one_line_errors, optimizer_step, print0, resolve_resume, save_train_state, set_lr,
+                             setup_distributed, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,6 +55,9 @@ parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], defa
 parser.add_argument("--warmup-steps", type=int, default=0)
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+parser.add_argument("--max-bad-steps", type=int, default=3,
+                    help="stop after this many steps in a row with a non-finite loss or gradient norm, each skipped "
+                         "(0 = never stop; fp16 overflows the GradScaler skips do not count)")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype")
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -152,6 +156,7 @@ def evaluate():
 
 
 def save(name, final=False):
+    check_finite_weights(model, step)
     ckpt = out / name
     if d.is_main:
         if args.lora:
@@ -167,6 +172,7 @@ def save(name, final=False):
 
 
 metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
+guard = DivergenceGuard(args.max_bad_steps)
 progress = Progress(total_steps, "sft", d.is_main, start=step)
 steps = step_micro_batches(start_step=step)
 while step < total_steps:
@@ -184,16 +190,17 @@ while step < total_steps:
             loss = sft_loss(hidden, lm_head, ids, mask, num_tokens=step_tokens, chunk_size=args.chunk_size) * d.world
         scaler.scale(loss).backward()
         loss_sum += loss.detach() / d.world  # stays on the device: one sync per step, below
-    grad_norm = optimizer_step(model, optimizer, scaler, args.clip)
-    step += 1
     loss_value = all_reduce_sum(float(loss_sum), d.device)
+    grad_norm, bad = optimizer_step(model, optimizer, scaler, args.clip, loss_value)
+    step += 1
     tokens = all_reduce_sum(sum(ids.numel() for ids, _, _ in micro), d.device)  # positions computed, pads included
     dt = time.time() - t0
     row = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, trained_tokens=int(step_tokens),
-               tokens_per_s=tokens / dt)
+               tokens_per_s=tokens / dt, **({"skipped": True} if bad else {}))
     if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_rows:
         row["eval_loss"] = evaluate()
     metrics.log(**row)
+    guard.update(step, bad, loss_value, grad_norm)
     progress.update(loss=loss_value, **({"eval": row["eval_loss"]} if "eval_loss" in row else {}),
                     tok_s=f"{tokens / dt / 1000:.1f}k")
     if args.save_every and step % args.save_every == 0 and step < total_steps:

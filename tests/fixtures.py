@@ -119,6 +119,31 @@ def max_weight_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+def check_stopped_on_nan(proc, out_dir, max_bad_steps=3):
+    """A run that diverged: non-zero exit with one `error: step N: non-finite ...` line and no traceback, the last
+    max_bad_steps rows of metrics.jsonl skipped (loss null: strict JSON, no NaN token), no final/, and every
+    checkpoint it did save finite. Returns the metrics rows."""
+    import re
+
+    import torch
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    m = re.fullmatch(rf"error: step (\d+): non-finite loss \(nan\) or gradient norm \(nan\) for {max_bad_steps} steps in "
+                     rf"a row \(--max-bad-steps {max_bad_steps}\): stopped, nothing saved; lower --lr or resume from an "
+                     r"earlier checkpoint", last)
+    assert m, last
+
+    def no_nan(token):
+        raise AssertionError(f"{token} in metrics.jsonl")
+    rows = [json.loads(line, parse_constant=no_nan) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == int(m.group(1))
+    assert all(r["loss"] is None and r.get("skipped") for r in rows[-max_bad_steps:]), rows
+    assert not (Path(out_dir) / "final").exists()
+    for ckpt in Path(out_dir).glob("ckpt-*"):
+        assert all(torch.isfinite(t).all() for t in read_weights(ckpt).values()), ckpt
+    return rows
+
+
 @contextmanager
 def json_server(handle):
     """A real HTTP server on 127.0.0.1 (a free port) in a thread, for endpoint stubs.

@@ -20,7 +20,7 @@ from nanoalign.chat import load_chat
 from nanoalign.data import holdout_and_mix, preference_examples, read_records, step_batches
 from nanoalign.lora import adapters_disabled, load_adapter, load_merged
 from nanoalign.model import load_model, save_model
-from tests.fixtures import cached_toy_setup, max_weight_diff, read_metrics, read_weights, run_script, write_jsonl
+from tests.fixtures import cached_toy_setup, check_stopped_on_nan, max_weight_diff, read_metrics, read_weights, run_script, write_jsonl
 
 SCRIPT = "train_dpo.py"
 FP32 = ("--device", "cpu", "--precision", "fp32")
@@ -344,3 +344,13 @@ def test_human_and_synthetic_sources_are_mixed(setup, tmp_path):
     bad = run_script(SCRIPT, "--model", setup.model, "--data", setup.prefs, "--data-weights", "1,1", "--out",
                      tmp_path / "bad", *FP32, check=False)
     assert bad.returncode != 0 and "--data-weights has 2 values for 1 --data sources" in last_line(bad.stderr)
+
+
+def test_diverging_run_stops_with_one_line_and_saves_no_nan(setup, tmp_path):
+    """--lr 1e30 blows the adapter up after one update: the NaN steps are skipped, the third in a row stops the run
+    with one line, no final/ (it used to exit 0 with a NaN adapter and NaN tokens in metrics.jsonl)."""
+    out = tmp_path / "out"
+    proc = dpo(setup, out, "--lr", 1e30, "--max-steps", 20, "--batch-size", 4, "--eval-frac", 0, "--save-every", 1,
+               check=False)
+    rows = check_stopped_on_nan(proc, out)
+    assert rows[0]["loss"] == pytest.approx(LN2, abs=1e-6) and not (out / "merged").exists()

@@ -13,7 +13,7 @@ from nanoalign import toy
 from nanoalign.chat import load_chat
 from nanoalign.data import pack, read_records, sft_examples, split_holdout
 from nanoalign.model import load_model
-from tests.fixtures import ROOT, cached_toy_setup, max_weight_diff, read_metrics, read_weights, run_script, write_jsonl
+from tests.fixtures import ROOT, cached_toy_setup, check_stopped_on_nan, max_weight_diff, read_metrics, read_weights, run_script, write_jsonl
 
 SCRIPT = "train_sft.py"
 FP32 = ("--device", "cpu", "--precision", "fp32")
@@ -219,3 +219,14 @@ def test_bad_input_is_one_line_a_bug_keeps_its_traceback(toy_setup, tmp_path):
     bug = subprocess.run([sys.executable, "-c", inject], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bug.returncode != 0 and "Traceback" in bug.stderr and "KeyError: 'ids'" in bug.stderr, bug.stderr[-2000:]
     assert "in buggy" in bug.stderr  # the traceback reaches the line that raised
+
+
+def test_diverging_run_stops_with_one_line_and_saves_no_nan(toy_setup, tmp_path):
+    """--lr 1e30: the first update blows the weights up, every later loss is NaN. Each such step is skipped, the third
+    in a row stops the run with one line; no final/, metrics.jsonl stays valid JSON. (It used to exit 0 with NaN
+    weights in final/ and NaN tokens in metrics.jsonl.)"""
+    out = tmp_path / "out"
+    proc = run_script(SCRIPT, "--model", toy_setup.model, "--data", toy_setup.sft, "--out", out, *FP32, "--lr", 1e30,
+                      "--max-steps", 20, "--batch-size", 1, "--eval-frac", 0, "--save-every", 1, check=False)
+    rows = check_stopped_on_nan(proc, out)
+    assert len(rows) == 4 and rows[0]["loss"] > 0  # step 1 was fine; 2, 3, 4 were not
