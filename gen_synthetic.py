@@ -7,7 +7,7 @@
     python gen_synthetic.py ... --reward https://integrate.api.nvidia.com/v1 --reward-model nvidia/llama-3.1-nemotron-70b-reward
 
 Writes <out>/samples.jsonl (every scored completion, appended as it goes), <out>/pairs.jsonl (prompt, chosen,
-rejected, scores: train_dpo.py reads it) and <out>/summary.json. Killed and restarted with the same arguments, it
+rejected, scores, whether each answer finished: train_dpo.py reads it) and <out>/summary.json. Killed and restarted with the same arguments, it
 skips the prompts already done; a failing reward endpoint stops it after its retries with everything so far on disk.
 Keep generation prompts apart from eval prompts (UltraFeedback: train_gen here, test_gen in eval_winrate.py).
 """
@@ -52,7 +52,10 @@ parser.add_argument("--reward-timeout", type=float, default=60, help="http rewar
 parser.add_argument("--reward-concurrency", type=int, default=8, help="http reward: requests in flight")
 parser.add_argument("--min-gap", type=float, default=0.0, help="keep a pair only if best - worst score >= this")
 parser.add_argument("--drop-empty", action="store_true", help="never use an empty completion in a pair")
-parser.add_argument("--drop-truncated", action="store_true", help="never use a completion cut at --max-new-tokens")
+parser.add_argument("--drop-truncated", action="store_true", default=True,
+                    help="never use a completion cut at --max-new-tokens in a pair (the default)")
+parser.add_argument("--keep-truncated", dest="drop_truncated", action="store_false",
+                    help="use cut completions too (pairs.jsonl marks them *_finished=false: trained without <|im_end|>)")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="model dtype for sampling")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
@@ -114,7 +117,8 @@ for pid, group in by_prompt.items():
         continue
     best, worst = pair
     pairs.append(dict(prompt_id=pid, prompt=group[0]["prompt"], chosen=best["response"], rejected=worst["response"],
-                      score_chosen=best["score"], score_rejected=worst["score"]))
+                      score_chosen=best["score"], score_rejected=worst["score"],
+                      chosen_finished=best["finished"], rejected_finished=worst["finished"]))
 write_jsonl(out / "pairs.jsonl", pairs)
 scores = [s["score"] for s in samples.rows]
 summary = dict(prompts=len(by_prompt), samples=len(samples.rows), pairs=len(pairs), **dropped,

@@ -153,10 +153,11 @@ class Chat:
         """Ids of the conversation so far plus the `<|im_start|>assistant\\n` generation prompt."""
         return self.render(messages, add_generation_prompt=True)[0]
 
-    def render_response(self, text: str) -> list[int]:
+    def render_response(self, text: str, finished: bool = True) -> list[int]:
         """A response as the model should emit it: render_prompt(p) + render_response(r) equals
-        render(p + [assistant r]) without its final "\\n"."""
-        return self.encode(text) + [self.im_end_id]
+        render(p + [assistant r]) without its final "\\n". An unfinished response (cut at a token limit) gets no
+        <|im_end|>: training must not teach the model to stop where it was only cut off."""
+        return self.encode(text) + ([self.im_end_id] if finished else [])
 
     def show(self, ids, mask) -> str:
         """Debug view: the decoded text (specials included) with trained spans wrapped in [[ ]]."""

@@ -262,6 +262,15 @@ def _response(value, field, where):
     return msgs[-1]["content"], msgs[:-1] or None
 
 
+def _finished(row, field, where):
+    """`chosen_finished` / `rejected_finished` (gen_synthetic.py writes them): False for an answer cut at the token
+    limit. Absent: finished (human data)."""
+    value = row.get(f"{field}_finished", True)
+    if not isinstance(value, bool):
+        raise InputError(f"{where}: field '{field}_finished' must be true or false, got {value!r}")
+    return value
+
+
 def _pair(row, where):
     """-> (prompt messages, chosen text, rejected text) from a UltraFeedback-style or plain-string row."""
     for field in ("chosen", "rejected"):
@@ -287,14 +296,16 @@ def preference_examples(records, chat, max_len, max_prompt_len):
     Rows: UltraFeedback-binarized form (`chosen`/`rejected` are message lists whose last message is the
     assistant response and whose earlier messages are the prompt conversation; `prompt` is used when they
     have none), or plain strings (`prompt`, `chosen`, `rejected`; `prompt` may also be a message list).
-    Extra fields (scores, ids) are ignored.
+    `chosen_finished` / `rejected_finished` false (an answer cut at the sampler's token limit) render that response
+    without its <|im_end|>. Other fields (scores, ids) are ignored.
 
     Truncation, like TRL: the prompt keeps its last max_prompt_len tokens, then each response keeps its first
     max_len - len(prompt) tokens (a cut response loses its <|im_end|>).
 
     Args:
         records: iterable of (where, row).
-        chat: nanoalign.chat.Chat (render_prompt includes the generation prompt; render_response ends in <|im_end|>).
+        chat: nanoalign.chat.Chat (render_prompt includes the generation prompt; render_response ends in <|im_end|>
+            when the response finished).
     Returns:
         (examples, stats): stats counts kept, dropped_identical (chosen == rejected, before or after
         truncation), prompt_cut and response_cut (kept pairs whose prompt / a response was cut).
@@ -307,7 +318,8 @@ def preference_examples(records, chat, max_len, max_prompt_len):
         files.add(_file(where))
         prompt, chosen, rejected = _pair(row, where)
         p = _named(where, chat.render_prompt, prompt)
-        c, r = chat.render_response(chosen), chat.render_response(rejected)
+        c = chat.render_response(chosen, _finished(row, "chosen", where))
+        r = chat.render_response(rejected, _finished(row, "rejected", where))
         prompt_cut = len(p) > max_prompt_len
         p = p[-max_prompt_len:]  # keep the end: the question and the generation prompt
         room = max_len - len(p)

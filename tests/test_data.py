@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from nanoalign.chat import load_chat
-from nanoalign.data import (batch_indices, holdout_and_mix, mix, pad_right, preference_batch, preference_examples, read_records,
-                            select_files, sft_examples, sft_batches, shard, split_holdout)
+from nanoalign.data import (batch_indices, holdout_and_mix, mix, pad_right, preference_batch, preference_examples,
+                            read_records, select_files, sft_examples, sft_batches, shard, split_holdout)
+from nanoalign.errors import InputError
 from nanoalign.toy import build_tokenizer
 
 
@@ -256,6 +257,25 @@ def test_preference_examples_forms(tmp_path, chat):
     ids, mask = chat.render(rows[0]["chosen"])
     assert prompt + examples[0]["chosen"] == ids[:-len(chat.encode("\n"))]
     assert examples[0]["chosen"][-1] == chat.im_end_id
+
+
+def test_unfinished_answers_get_no_end_token(tmp_path, chat):
+    """gen_synthetic.py marks an answer cut at --max-new-tokens `*_finished: false`: it is trained as it was sampled,
+    without <|im_end|>, so DPO never teaches the model to stop where it was only cut off."""
+    q = "What is the largest number among 3, 9, 4?"
+    rows = [{"prompt": q, "chosen": "9", "rejected": "The answer is 3 and", "chosen_finished": True,
+             "rejected_finished": False},
+            {"prompt": q, "chosen": "It is 9, because", "rejected": "4", "chosen_finished": False}]
+    f = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    examples, _ = preference_examples(read_records(f), chat, max_len=200, max_prompt_len=100)
+    assert examples[0]["chosen"] == chat.encode("9") + [chat.im_end_id]
+    assert examples[0]["rejected"] == chat.encode("The answer is 3 and")  # no <|im_end|>
+    assert examples[1]["chosen"] == chat.encode("It is 9, because")
+    assert examples[1]["rejected"] == chat.encode("4") + [chat.im_end_id]  # absent: finished
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows + [{"prompt": q, "chosen": "9", "rejected": "4",
+                                                       "rejected_finished": "no"}])
+    with pytest.raises(InputError, match=r"bad.jsonl:3: field 'rejected_finished' must be true or false, got 'no'"):
+        preference_examples(read_records(bad), chat, max_len=200, max_prompt_len=100)
 
 
 def test_preference_examples_multi_turn_prompt(tmp_path, chat):
