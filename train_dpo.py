@@ -88,7 +88,8 @@ d = setup_distributed(args.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
 model_dir = resolve_model_dir(args.model)
-chat = load_chat(args.tokenizer or model_dir)
+tokenizer_dir = resolve_model_dir(args.tokenizer) if args.tokenizer else model_dir
+chat = load_chat(tokenizer_dir)  # the default system prompt is the one of the dir's own chat template
 
 # data: every source rendered and truncated the same way, then mixed, split, and cut into world-invariant steps
 sources = []
@@ -303,6 +304,6 @@ save("final", final=True)
 if args.merge and d.is_main:
     # merged in fp32 from the saved files (the live base may be bf16), written in the base checkpoint's dtype
     merged = load_merged(model_dir, [*args.adapter, out / "final"], dtype=torch.float32)
-    save_model(merged, out / "merged", tokenizer_from=model_dir, dtype=getattr(torch, model.config.torch_dtype))
+    save_model(merged, out / "merged", tokenizer_from=tokenizer_dir, dtype=getattr(torch, model.config.torch_dtype))
     print0(f"saved {out / 'merged'} (every adapter folded in)")
 cleanup_distributed()

@@ -84,7 +84,8 @@ d = setup_distributed(args.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
 model_dir = resolve_model_dir(args.model)
-chat = load_chat(args.tokenizer or model_dir)
+tokenizer_dir = resolve_model_dir(args.tokenizer) if args.tokenizer else model_dir
+chat = load_chat(tokenizer_dir)  # the default system prompt is the one of the dir's own chat template
 
 # data: render with the assistant mask, hold out an eval split, shard over ranks
 examples, stats = sft_examples(read_records(args.data, args.data_split, args.data_config), chat, args.max_len,
@@ -163,7 +164,7 @@ def save(name, final=False):
             from nanoalign.lora import save_adapter
             save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
         else:
-            save_model(model, ckpt, tokenizer_from=model_dir)
+            save_model(model, ckpt, tokenizer_from=tokenizer_dir)
     if not final:
         save_train_state(ckpt, optimizer, scaler, step, args=vars(args))
     if d.world > 1:
