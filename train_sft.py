@@ -12,21 +12,22 @@ Writes <out>/metrics.jsonl, <out>/ckpt-<step>/ (HF model dir + train state to
 --resume from) and <out>/final/ (HF model dir, or a LoRA adapter with --lora).
 """
 import argparse
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from nanoalign.chat import load_chat
-from nanoalign.data import (pack, packed_batch, pad_right, read_records, sft_batches, sft_examples, shard,
-                            split_holdout, step_batches)
+from nanoalign.data import pack, packed_batch, pad_right, sft_batches, shard, split_holdout, step_batches
 from nanoalign.errors import InputError
 from nanoalign.losses import masked_logps, sft_loss
+from nanoalign.tokenized import sft_dataset
 from nanoalign.model import PACKED_ATTENTION, load_model, resolve_model_dir, save_model
 from nanoalign.train import (DivergenceGuard, MetricsLog, Progress, all_reduce_sum, autocast, check_finite_weights,
-                             cleanup_distributed, load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync,
-                             one_line_errors, optimizer_step, print0, resolve_resume, save_train_state, set_lr,
-                             setup_distributed, wrap_ddp)
+                             choose_precision, cleanup_distributed, load_train_state, lr_at, make_optimizer,
+                             make_scaler, maybe_no_sync, one_line_errors, optimizer_step, print0, resolve_resume,
+                             save_train_state, set_lr, setup_distributed, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +37,9 @@ parser.add_argument("--data", required=True, help="JSONL/JSON/parquet file or di
 parser.add_argument("--data-split", default="train")
 parser.add_argument("--data-config", default=None, help="hub dataset config, e.g. `all` for HuggingFaceTB/smoltalk")
 parser.add_argument("--out", required=True, help="output dir")
+parser.add_argument("--data-cache", default=os.environ.get("NANOALIGN_CACHE", str(Path.home() / ".cache/nanoalign")),
+                    help="dir of tokenised datasets, reused while data, tokenizer and settings are unchanged "
+                         "(default $NANOALIGN_CACHE or ~/.cache/nanoalign; '' = tokenise in memory each run)")
 parser.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens")
 parser.add_argument("--truncation", choices=["drop", "cut"], default="drop", help="what to do with longer ones")
 parser.add_argument("--eval-frac", type=float, default=0.02, help="share of conversations held out for eval loss")
@@ -58,7 +62,8 @@ parser.add_argument("--clip", type=float, default=1.0, help="max gradient norm (
 parser.add_argument("--max-bad-steps", type=int, default=3,
                     help="stop after this many steps in a row with a non-finite loss or gradient norm, each skipped "
                          "(0 = never stop; fp16 overflows the GradScaler skips do not count)")
-parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype")
+parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="autocast dtype (default: bf16 on a CUDA GPU that supports it, else fp32)")
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 parser.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the lm_head + loss")
@@ -74,6 +79,8 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 args = parser.parse_args()
 one_line_errors()
+if not 0 <= args.eval_frac < 1:
+    raise InputError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
 cuda = args.device.startswith("cuda") if args.device else torch.cuda.is_available()
 if args.pack and args.pack_attn != "sdpa" and not cuda:
     parser.error(f"--pack-attn {args.pack_attn} needs CUDA (FlexAttention has no backward on CPU, varlen is "
@@ -81,20 +88,24 @@ if args.pack and args.pack_attn != "sdpa" and not cuda:
 # -----------------------------------------------------------------------------
 
 d = setup_distributed(args.device)
+args.precision = choose_precision(args.precision, d.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
 model_dir = resolve_model_dir(args.model)
 tokenizer_dir = resolve_model_dir(args.tokenizer) if args.tokenizer else model_dir
 chat = load_chat(tokenizer_dir)  # the default system prompt is the one of the dir's own chat template
 
-# data: render with the assistant mask, hold out an eval split, shard over ranks
-examples, stats = sft_examples(read_records(args.data, args.data_split, args.data_config), chat, args.max_len,
-                               args.truncation)
-print0(f"data: {stats}")
-train_set, eval_rows = split_holdout(examples, args.eval_frac, args.seed)
-eval_set = shard(eval_rows, d.rank, d.world)  # uneven shares: the eval loss covers every held-out conversation
+# data: rendered with the assistant mask once (local rank 0; cached, the others load it), an eval split held out
+# and sharded over ranks
+dataset = sft_dataset(args.data, args.data_split, args.data_config, chat, args.max_len, args.truncation,
+                      args.data_cache or None, is_builder=d.local_rank == 0,
+                      barrier=torch.distributed.barrier if d.world > 1 else None)
+print0(f"data: {dataset.stats}")
+train_idx, eval_idx = split_holdout(list(range(len(dataset))), args.eval_frac, args.seed)
+# uneven eval shares: the eval loss covers every held-out conversation whatever the world size
+train_set, eval_set = dataset.subset(train_idx), dataset.subset(shard(eval_idx, d.rank, d.world))
 # a training unit is a packed row (lists of conversation indices), or one conversation
-lengths = [len(ex["ids"]) for ex in train_set]
+lengths = train_set.lengths
 units = pack(lengths, args.max_len, args.seed) if args.pack else [[i] for i in range(len(train_set))]
 steps_per_epoch = len(units) // (args.batch_size * args.grad_accum * d.world)
 unit_name = "packed rows" if args.pack else "conversations"
@@ -102,7 +113,7 @@ if steps_per_epoch == 0:
     raise InputError(f"{len(units)} {unit_name} are fewer than one global batch "
                      f"(--batch-size x --grad-accum x world size)")
 total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-print0(f"{len(train_set)} train / {len(eval_rows)} eval conversations"
+print0(f"{len(train_set)} train / {len(eval_idx)} eval conversations"
        + (f" in {len(units)} packed rows" if args.pack else "") + f"; {total_steps} steps")
 
 # model (fp32 master weights; autocast does the matmuls in bf16/fp16)
@@ -198,7 +209,7 @@ while step < total_steps:
     dt = time.time() - t0
     row = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, trained_tokens=int(step_tokens),
                tokens_per_s=tokens / dt, **({"skipped": True} if bad else {}))
-    if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_rows:
+    if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_idx:
         row["eval_loss"] = evaluate()
     metrics.log(**row)
     guard.update(step, bad, loss_value, grad_norm)
