@@ -90,6 +90,25 @@ def wrap_ddp(model, d: Dist):
     return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, gradient_as_bucket_view=True)
 
 
+def wrap_fsdp(model, d: Dist, precision):
+    """FSDP2: each decoder block, then the whole model, sharded over the ranks (parameters, gradients and
+    optimizer state: 1/world of each per rank). Build the optimizer after this. Under bf16 on CUDA the gathered
+    parameters are bf16 and gradients are reduced in fp32; otherwise fp32 throughout (as the tests on CPU run)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    low = precision == "bf16" and d.device.type == "cuda"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if low else None, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def full_state_dict(model):
+    """The full (unsharded) state dict on CPU of an FSDP model, on rank 0 (empty elsewhere); all ranks call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def cleanup_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -160,7 +179,10 @@ def optimizer_step(model, optimizer, scaler, clip, loss=0.0):
     Returns (the gradient norm before clipping, whether this was a bad step)."""
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor norm
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = float(grad_norm)
     bad = not math.isfinite(loss) or not (math.isfinite(grad_norm) or scaler.is_enabled())
     if not bad:
         scaler.step(optimizer)  # skipped by the scaler when an fp16 gradient overflowed
@@ -188,12 +210,15 @@ class DivergenceGuard:
 
 
 def check_finite_weights(model, step):
-    """Raise NonFiniteError instead of saving a NaN/inf weight. Call it on every rank (they hold the same weights),
-    so that all stop together rather than some waiting at a barrier."""
-    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-    if bad:
-        raise NonFiniteError(f"step {step}: non-finite weights ({bad[0]}{f' and {len(bad) - 1} more' if bad[1:] else ''}):"
-                             f" not saved; lower --lr or resume from an earlier checkpoint")
+    """Raise NonFiniteError instead of saving a NaN/inf weight. Every rank calls it (each checks what it holds: all
+    of it under DDP, its shard under FSDP) and the verdict is summed over ranks, so all stop together rather than
+    some waiting at a barrier or a gather."""
+    bad = [n for n, p in model.named_parameters()
+           if p.requires_grad and not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+    if all_reduce_sum(len(bad), next(model.parameters()).device):
+        where = f"{bad[0]}{f' and {len(bad) - 1} more' if bad[1:] else ''}" if bad else "in another rank's shard"
+        raise NonFiniteError(f"step {step}: non-finite weights ({where}): not saved; lower --lr or resume from an "
+                             f"earlier checkpoint")
 
 
 def set_lr(optimizer, lr):

@@ -247,3 +247,22 @@ def test_diverging_run_stops_with_one_line_and_saves_no_nan(toy_setup, tmp_path)
                       "--max-steps", 20, "--batch-size", 1, "--eval-frac", 0, "--save-every", 1, check=False)
     rows = check_stopped_on_nan(proc, out)
     assert len(rows) == 4 and rows[0]["loss"] > 0  # step 1 was fine; 2, 3, 4 were not
+def test_fsdp_two_ranks_match_one_process_and_resume(toy_setup, varied_sft, tmp_path):
+    """--fsdp (FSDP2, gloo on CPU): 2 ranks train what 1 process trains (losses, grad norms, saved HF weights);
+    the HF dir is gathered on rank 0; a run resumed from ckpt-2 ends where the uninterrupted one does."""
+    common = ("--max-steps", 3, "--lr", 1e-3, "--eval-frac", 0, "--save-every", 2, "--max-len", 160)
+    one = train(toy_setup, varied_sft, tmp_path / "one", "--batch-size", 12, *common)
+    fsdp = train(toy_setup, varied_sft, tmp_path / "fsdp", "--batch-size", 6, "--fsdp", *common, nproc=2)
+    for r, r_ref in zip(fsdp, one):
+        assert r["loss"] == pytest.approx(r_ref["loss"], abs=1e-5)
+        assert r["grad_norm"] == pytest.approx(r_ref["grad_norm"], rel=1e-4)
+    weights = read_weights(tmp_path / "one" / "final")
+    assert max_weight_diff(weights, read_weights(toy_setup.model)) > 1e-4
+    assert max_weight_diff(read_weights(tmp_path / "fsdp" / "final"), weights) < 1e-5
+    assert load_model(tmp_path / "fsdp" / "final") is not None  # a loadable HF dir, tied embedding and all
+    shutil.copytree(tmp_path / "fsdp" / "ckpt-2", tmp_path / "resumed" / "ckpt-2")
+    resumed = train(toy_setup, varied_sft, tmp_path / "resumed", "--batch-size", 6, "--fsdp", *common,
+                    "--resume", "auto", nproc=2)
+    assert [r["step"] for r in resumed] == [3]
+    assert resumed[0]["loss"] == pytest.approx(fsdp[2]["loss"], abs=1e-6)
+    assert max_weight_diff(read_weights(tmp_path / "resumed" / "final"), read_weights(tmp_path / "fsdp" / "final")) < 1e-6
