@@ -9,6 +9,8 @@
 Writes <out>/samples.jsonl (every scored completion, appended as it goes), <out>/pairs.jsonl (prompt, chosen,
 rejected, scores: train_dpo.py reads it) and <out>/summary.json. Killed and restarted with the same arguments, it
 skips the prompts already done; a failing reward endpoint stops it after its retries with everything so far on disk.
+A sample the endpoint refuses (HTTP 400/413/422, e.g. too long) keeps score null, is in no pair, and is counted as
+`skipped` in summary.json.
 Keep generation prompts apart from eval prompts (UltraFeedback: train_gen here, test_gen in eval_winrate.py).
 """
 import argparse
@@ -20,10 +22,10 @@ import torch
 
 from nanoalign.chat import load_chat
 from nanoalign.data import prompt_records, read_records
-from nanoalign.jsonl import ResumableJsonl, write_jsonl
+from nanoalign.jsonl import ResumableJsonl, write_json, write_jsonl
 from nanoalign.lora import load_merged
 from nanoalign.preferences import best_worst_pair
-from nanoalign.reward import RewardServerError, load_reward
+from nanoalign.reward import RewardError, RewardServerError, add_reward_args, reward_from_args
 from nanoalign.sampling import generate
 from nanoalign.train import DTYPES, Progress, one_line_errors
 
@@ -43,13 +45,7 @@ parser.add_argument("--top-p", type=float, default=0.95)
 parser.add_argument("--top-k", type=int, default=0)
 parser.add_argument("--max-new-tokens", type=int, default=256)
 parser.add_argument("--batch-size", type=int, default=16, help="prompts per round of sampling and scoring")
-parser.add_argument("--reward", default="Skywork/Skywork-Reward-V2-Qwen3-0.6B",
-                    help="`toy` (rule-based), an http(s) URL (OpenAI-compatible endpoint), or a reward model dir / hub id")
-parser.add_argument("--reward-model", default="nvidia/llama-3.1-nemotron-70b-reward", help="model name at the endpoint")
-parser.add_argument("--reward-batch-size", type=int, default=8)
-parser.add_argument("--reward-retries", type=int, default=4, help="http reward: retries of a failed request (5xx, 429, timeout)")
-parser.add_argument("--reward-timeout", type=float, default=60, help="http reward: seconds per request")
-parser.add_argument("--reward-concurrency", type=int, default=8, help="http reward: requests in flight")
+add_reward_args(parser)
 parser.add_argument("--min-gap", type=float, default=0.0, help="keep a pair only if best - worst score >= this")
 parser.add_argument("--drop-empty", action="store_true", help="never use an empty completion in a pair")
 parser.add_argument("--drop-truncated", action="store_true", help="never use a completion cut at --max-new-tokens")
@@ -58,7 +54,7 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
-one_line_errors(RewardServerError)
+one_line_errors(RewardServerError, RewardError)
 # -----------------------------------------------------------------------------
 
 device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -79,9 +75,7 @@ print(f"{len(prompts)} prompts: {len(done)} done before, {len(todo)} to sample")
 if todo:
     model = load_merged(args.model, args.adapter, dtype=DTYPES[args.precision], device=device)
     chat = load_chat(args.tokenizer or args.model)
-    reward = load_reward(args.reward, device=device, batch_size=args.reward_batch_size, model=args.reward_model,
-                         cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
-                         timeout=args.reward_timeout, concurrency=args.reward_concurrency)
+    reward = reward_from_args(args, device, out / "reward_cache.jsonl")
     progress = Progress(len(todo), "prompts")
     for start in range(0, len(todo), args.batch_size):
         chunk = todo[start:start + args.batch_size]
@@ -105,7 +99,7 @@ for row in samples.rows:
     by_prompt[row["prompt_id"]].append(row)
 pairs, dropped = [], defaultdict(int)
 for pid, group in by_prompt.items():
-    usable = [s for s in group if not (args.drop_empty and not s["response"].strip())
+    usable = [s for s in group if s["score"] is not None and not (args.drop_empty and not s["response"].strip())
               and not (args.drop_truncated and not s["finished"])]
     dropped["unusable_samples"] += len(group) - len(usable)
     pair = best_worst_pair(usable, args.min_gap)
@@ -116,9 +110,9 @@ for pid, group in by_prompt.items():
     pairs.append(dict(prompt_id=pid, prompt=group[0]["prompt"], chosen=best["response"], rejected=worst["response"],
                       score_chosen=best["score"], score_rejected=worst["score"]))
 write_jsonl(out / "pairs.jsonl", pairs)
-scores = [s["score"] for s in samples.rows]
+scores = [s["score"] for s in samples.rows if s["score"] is not None]  # None: refused by the reward endpoint
 summary = dict(prompts=len(by_prompt), samples=len(samples.rows), pairs=len(pairs), **dropped,
-               mean_score=sum(scores) / max(len(scores), 1),
+               skipped=len(samples.rows) - len(scores), mean_score=sum(scores) / len(scores) if scores else None,
                truncated=sum(not s["finished"] for s in samples.rows), empty=sum(not s["response"].strip() for s in samples.rows))
-(out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+write_json(out / "summary.json", summary)
 print(json.dumps(summary))

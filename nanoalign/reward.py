@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from nanoalign import toy
 from nanoalign.chat import load_chat
-from nanoalign.endpoint import NVIDIA_BASE_URL, EndpointError, HttpReward
+from nanoalign.endpoint import NEMOTRON_REWARD, NVIDIA_BASE_URL, EndpointError, HttpReward
+from nanoalign.train import DTYPES
 from nanoalign.model import Decoder, ModelConfig, load_weights, read_safetensors_dir, resolve_model_dir
 
 DEFAULT_REWARD_MODEL = "Skywork/Skywork-Reward-V2-Qwen3-0.6B"
@@ -52,6 +53,34 @@ def load_reward(spec: str, **kw):
         cls, args = LocalRewardModel, (spec,)
     taken = inspect.signature(cls).parameters
     return cls(*args, **{k: v for k, v in kw.items() if k in taken})
+
+
+def add_reward_args(parser):
+    """The --reward* flags gen_synthetic.py and eval_winrate.py share."""
+    parser.add_argument("--reward", default=DEFAULT_REWARD_MODEL,
+                        help="`toy` (rule-based), an http(s) URL (OpenAI-compatible endpoint), or a reward model dir / hub id")
+    parser.add_argument("--reward-dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                        help="local reward model precision (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--reward-batch-size", type=int, default=8, help="local reward model: rows per forward")
+    parser.add_argument("--reward-model", default=NEMOTRON_REWARD, help="http reward: model name at the endpoint")
+    parser.add_argument("--reward-tokenizer", default=None,
+                        help="http reward: tokenizer (dir, tokenizer.json or hub id) counting tokens for the endpoint's "
+                             "context; without it a conservative bound cuts more")
+    parser.add_argument("--reward-retries", type=int, default=4,
+                        help="http reward: retries of a failed request (5xx, 429, timeout, non-finite score)")
+    parser.add_argument("--reward-timeout", type=float, default=60, help="http reward: total seconds per request")
+    parser.add_argument("--reward-concurrency", type=int, default=8, help="http reward: requests in flight")
+
+
+def reward_from_args(args, device, cache_path):
+    """The backend add_reward_args' flags describe; HTTP scores are cached in cache_path."""
+    if args.reward_dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    else:
+        dtype = DTYPES[args.reward_dtype]
+    return load_reward(args.reward, device=device, dtype=dtype, batch_size=args.reward_batch_size,
+                       model=args.reward_model, tokenizer=args.reward_tokenizer, cache_path=cache_path,
+                       retries=args.reward_retries, timeout=args.reward_timeout, concurrency=args.reward_concurrency)
 
 
 def _check_batch(prompts, responses, ids):
