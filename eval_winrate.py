@@ -24,7 +24,7 @@ from nanoalign.data import prompt_records, read_records
 from nanoalign.jsonl import ResumableJsonl, write_json
 from nanoalign.lora import load_merged
 from nanoalign.preferences import win_rate
-from nanoalign.reward import RewardError, RewardServerError, add_reward_args, reward_from_args
+from nanoalign.reward import RewardServerError, add_reward_args, reward_from_args
 from nanoalign.sampling import generate
 from nanoalign.train import DTYPES, Progress, one_line_errors
 
@@ -55,7 +55,7 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
-one_line_errors(RewardServerError, RewardError)
+one_line_errors(RewardServerError)
 assert (args.model_b is None) != (args.responses_b is None), "give exactly one of --model-b and --responses-b"
 # -----------------------------------------------------------------------------
 

@@ -58,14 +58,15 @@ def load_reward(spec: str, **kw):
 def add_reward_args(parser):
     """The --reward* flags gen_synthetic.py and eval_winrate.py share."""
     parser.add_argument("--reward", default=DEFAULT_REWARD_MODEL,
-                        help="`toy` (rule-based), an http(s) URL (OpenAI-compatible endpoint), or a reward model dir / hub id")
+                        help="`toy` (rule-based), an http(s) URL (OpenAI-compatible endpoint), or a reward model "
+                             "dir / hub id")
     parser.add_argument("--reward-dtype", choices=["bf16", "fp16", "fp32"], default=None,
                         help="local reward model precision (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--reward-batch-size", type=int, default=8, help="local reward model: rows per forward")
     parser.add_argument("--reward-model", default=NEMOTRON_REWARD, help="http reward: model name at the endpoint")
     parser.add_argument("--reward-tokenizer", default=None,
-                        help="http reward: tokenizer (dir, tokenizer.json or hub id) counting tokens for the endpoint's "
-                             "context; without it a conservative bound cuts more")
+                        help="http reward: tokenizer (dir, tokenizer.json or hub id) counting tokens for the "
+                             "endpoint's context; without it a conservative bound cuts more")
     parser.add_argument("--reward-retries", type=int, default=4,
                         help="http reward: retries of a failed request (5xx, 429, timeout, non-finite score)")
     parser.add_argument("--reward-timeout", type=float, default=60, help="http reward: total seconds per request")

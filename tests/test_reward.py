@@ -2,6 +2,7 @@
 stub server on 127.0.0.1 (real sockets): both reply forms, retries, 4xx, give-up, cache, key handling."""
 from contextlib import contextmanager
 import json
+import math
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ from nanoalign.reward import HttpReward, LocalRewardModel, RewardError, RewardSe
 from nanoalign.endpoint import parse_reward, sha256
 from nanoalign.toy import build_tokenizer
 from conftest import make_hf_model_dir
-from tests.fixtures import ROOT, json_server
+from tests.fixtures import ROOT, json_server, serving
 
 TOL = dict(atol=1e-4, rtol=0)
 
@@ -263,7 +264,8 @@ def test_any_chat_template_renders_as_transformers_does(tmp_path, qwen3_dir, tem
         assert rm.format(prompt, response) == text
         assert rm.encode(prompt, response) == hf_tok(text)["input_ids"]
     if template is BLOCKS_TEMPLATE:
-        assert rm.format(PROMPTS[0], "17").startswith("<|endoftext|>\n<|im_start|>system\nYou grade answers.<|im_end|>\n")
+        system = "<|endoftext|>\n<|im_start|>system\nYou grade answers.<|im_end|>\n"
+        assert rm.format(PROMPTS[0], "17").startswith(system)
         with pytest.raises(ValueError, match="refuses FORBIDDEN"):
             rm.format(PROMPTS[0], "FORBIDDEN")
     if template is NO_THINK_TEMPLATE:
@@ -407,7 +409,8 @@ def test_401_fails_at_once_and_never_shows_the_key(stub, monkeypatch):
         fast(stub.url, retries=4).score([PROMPT], ["17"])
     assert len(stub.requests) == 1
     message = str(err.value)
-    assert "HTTP 401" in message and "(is $NVIDIA_API_KEY set?)" in message and "attempt 1" in message and f"{stub.url}/chat/completions" in message
+    assert "HTTP 401" in message and "(is $NVIDIA_API_KEY set?)" in message and "attempt 1" in message
+    assert f"{stub.url}/chat/completions" in message
     assert SECRET not in message and "\n" not in message
     with pytest.raises(ValueError, match="NVIDIA_API_KEY") as err:
         HttpReward(stub.url.replace("http://", "http://user:pw@"))
@@ -491,14 +494,8 @@ def trickling_server(seconds):
                     return
                 time.sleep(0.1)
 
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.01), daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)) as url:
+        yield url
 
 
 def test_timeout_is_a_total_deadline_per_request():
@@ -588,7 +585,7 @@ def test_without_a_tokenizer_cjk_text_is_cut_conservatively(stub, tok_dir):
     character): what is sent fits the budget in real tokens; with the tokenizer, more is kept, still within it.
     (ASCII keeps the 3-characters-per-token guess, true of real tokenizers, not of the toy one: not tested.)"""
     chat = load_chat(tok_dir)
-    prompt = [{"role": "user", "content": "請解釋這段文字的意思並總結重點。" * 727}]  # 11,632 characters
+    prompt = [{"role": "user", "content": "請解釋這段文字的意思並總結重點。" * 727}]  # 11,632 chars
     response = "好的，這是摘要：" + "不錯。" * 100
     for tokenizer in (None, tok_dir):
         sent = fast(stub.url, tokenizer=tokenizer).truncate(prompt, response)
@@ -609,3 +606,21 @@ def test_load_reward_routes_keyword_arguments(stub, qwen3_dir, tmp_path):
     assert isinstance(local, LocalRewardModel) and local.batch_size == 2
     with pytest.raises(TypeError, match="bacth_size"):
         load_reward("toy", bacth_size=2)
+
+
+def test_reward_flags(stub, qwen3_dir, tok_dir, tmp_path):
+    """--reward-dtype (default fp32 on CPU, bf16 on CUDA) reaches the local model; --reward-tokenizer the client."""
+    import argparse
+    from nanoalign.reward import add_reward_args, reward_from_args
+    parser = argparse.ArgumentParser()
+    add_reward_args(parser)
+    rm = reward_from_args(parser.parse_args(["--reward", str(qwen3_dir)]), "cpu", tmp_path / "c.jsonl")
+    assert rm.model.model.embed_tokens.weight.dtype == torch.float32
+    rm = reward_from_args(parser.parse_args(["--reward", str(qwen3_dir), "--reward-dtype", "bf16"]), "cpu", None)
+    assert rm.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(math.isfinite(s) for s in rm.score(PROMPTS, RESPONSES))
+    args = parser.parse_args(["--reward", stub.url, "--reward-tokenizer", str(tok_dir), "--reward-timeout", "3"])
+    http = reward_from_args(args, "cpu", tmp_path / "c.jsonl")
+    assert http.tokenizer.get_vocab_size() == load_chat(tok_dir).vocab_size and http.endpoint.timeout == 3
+    with pytest.raises(FileNotFoundError, match="tokenizer not found: nowhere"):
+        reward_from_args(parser.parse_args(["--reward", stub.url, "--reward-tokenizer", "nowhere"]), "cpu", None)
