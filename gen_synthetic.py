@@ -25,7 +25,7 @@ from nanoalign.data import prompt_records, read_records
 from nanoalign.jsonl import ResumableJsonl, write_json, write_jsonl
 from nanoalign.lora import load_merged
 from nanoalign.preferences import best_worst_pair
-from nanoalign.reward import RewardServerError, add_reward_args, reward_from_args
+from nanoalign.reward import RewardError, RewardServerError, add_reward_args, reward_from_args
 from nanoalign.sampling import generate
 from nanoalign.train import DTYPES, Progress, one_line_errors
 
@@ -54,7 +54,7 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
-one_line_errors(RewardServerError)
+one_line_errors(RewardServerError, RewardError)
 # -----------------------------------------------------------------------------
 
 device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -23,6 +23,8 @@ import urllib.parse
 
 from tokenizers import Tokenizer
 
+from nanoalign.errors import InputError
+
 NVIDIA_BASE_URL = "https://integrate.api.nvidia.com/v1"
 NEMOTRON_REWARD = "nvidia/llama-3.1-nemotron-70b-reward"
 ITEM_ERRORS = (400, 413, 422)  # the item is refused (too long, malformed content); the endpoint itself works
@@ -64,9 +66,9 @@ class Endpoint:
                  what="endpoint"):
         parts = urllib.parse.urlsplit(url)
         if parts.username or parts.password:
-            raise ValueError(f"credentials in the {what} URL are not supported: put the key in ${api_key_env}")
+            raise InputError(f"credentials in the {what} URL are not supported: put the key in ${api_key_env}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{what} URL must be http(s)://host/..., got {url!r}")
+            raise InputError(f"{what} URL must be http(s)://host/..., got {url!r}")
         self.parts, self.url = parts, url
         self.where = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))  # no query string
         self.api_key_env, self.what = api_key_env, what
@@ -236,7 +238,7 @@ def load_tokenizer(path_or_hub_id) -> Tokenizer:
         try:
             return Tokenizer.from_file(str(path))
         except Exception as e:
-            raise ValueError(f"{path}: not a tokenizers tokenizer.json ({e})") from None
+            raise InputError(f"{path}: not a tokenizers tokenizer.json ({e})") from None
     if str(path_or_hub_id).count("/") != 1 or str(path_or_hub_id).startswith((".", "/")):
         raise FileNotFoundError(f"tokenizer not found: {path_or_hub_id} (a tokenizer.json, a dir holding one, "
                                 f"or a hub id)")

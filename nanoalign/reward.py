@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from nanoalign import toy
 from nanoalign.chat import load_chat
+from nanoalign.errors import InputError
 from nanoalign.endpoint import NEMOTRON_REWARD, NVIDIA_BASE_URL, EndpointError, HttpReward
 from nanoalign.train import DTYPES
 from nanoalign.model import Decoder, ModelConfig, load_weights, read_safetensors_dir, resolve_model_dir
@@ -30,7 +31,7 @@ SEQ_CLS_ARCHITECTURES = ("Qwen2ForSequenceClassification", "Qwen3ForSequenceClas
 RewardServerError = EndpointError  # the name the scripts and older code use
 
 
-class RewardError(ValueError):
+class RewardError(RuntimeError):
     """A reward model produced something that is not a score (NaN, inf) for an item."""
 
 
@@ -184,16 +185,16 @@ class LocalRewardModel:
         d = json.loads((model_dir / "config.json").read_text())
         arch = (d.get("architectures") or [None])[0]
         if arch not in SEQ_CLS_ARCHITECTURES:
-            raise ValueError(f"{model_dir}: architecture {arch!r} is not a reward model "
+            raise InputError(f"{model_dir}: architecture {arch!r} is not a reward model "
                              f"(expected one of {SEQ_CLS_ARCHITECTURES})")
         self.config = ModelConfig.from_hf(d, source=str(model_dir / "config.json"))
         tensors = read_safetensors_dir(model_dir)
         tensors.pop("lm_head.weight", None)
         if "score.weight" not in tensors:
-            raise KeyError(f"{model_dir}: no 'score.weight' tensor (not a sequence-classification checkpoint?)")
+            raise InputError(f"{model_dir}: no 'score.weight' tensor (not a sequence-classification checkpoint?)")
         num_labels = tensors["score.weight"].shape[0]
         if num_labels != 1:
-            raise ValueError(f"{model_dir}: score head has {num_labels} labels; a scalar reward model has 1")
+            raise InputError(f"{model_dir}: score head has {num_labels} labels; a scalar reward model has 1")
         with torch.device("meta"):
             self.model = SequenceClassifier(self.config, num_labels)
         load_weights(self.model, tensors, model_dir, dtype, device)
@@ -201,7 +202,7 @@ class LocalRewardModel:
 
         template = read_chat_template(model_dir)  # a hub snapshot brings chat_template.jinja along (*.jinja)
         if template is None:
-            raise ValueError(f"{model_dir}: no chat template (tokenizer_config.json 'chat_template' or "
+            raise InputError(f"{model_dir}: no chat template (tokenizer_config.json 'chat_template' or "
                              f"chat_template.jinja): the reward model's input format is unknown")
         self.template, self.special_tokens = compile_chat_template(template), special_tokens(model_dir)
         self.chat = load_chat(model_dir, default_system=None)  # its tokenizer and pad id; the template formats
@@ -218,7 +219,7 @@ class LocalRewardModel:
             return self.template.render(messages=messages, add_generation_prompt=False, tools=None, documents=None,
                                         **self.special_tokens)
         except jinja2.TemplateError as e:
-            raise ValueError(f"{self.model_dir}: its chat template refused the conversation: {e}") from None
+            raise InputError(f"{self.model_dir}: its chat template refused the conversation: {e}") from None
 
     def encode(self, prompt: list[dict], response: str) -> list[int]:
         """Token ids of format(prompt, response), the last max_len of them."""

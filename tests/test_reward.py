@@ -26,7 +26,7 @@ from tests.fixtures import ROOT, json_server, serving
 TOL = dict(atol=1e-4, rtol=0)
 
 # Qwen3's chat template (tokenizer_config.json of Qwen/Qwen3-*), its no-tools branch transcribed: the reference
-# that transformers' jinja renders and format_qwen3 must equal.
+# that transformers' jinja renders and ours must equal.
 QWEN3_TEMPLATE = (
     "{%- if messages[0].role == 'system' %}"
     "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
