@@ -342,12 +342,14 @@ def preference_examples(records, chat, max_len, max_prompt_len):
 # mixing, holding out, sharding
 
 
-def prompt_records(records, max_prompts=None):
+def prompt_records(records, max_prompts=None, check=None):
     """Prompts for sampling: [(prompt_id, messages)] from rows with a `prompt` (string or message list) or
     `messages` (the conversation up to its last user turn, as in UltraFeedback's *_gen splits).
 
     prompt_id is the row's own `prompt_id` when it has one, else a hash of the messages: stable across runs,
-    which is what resuming and the reward cache key on. A prompt seen twice is used once.
+    which is what resuming and the reward cache key on. A prompt seen twice is used once. `check(messages)`, if
+    given, runs on every prompt kept (e.g. reward.prompt_check: can the reward grade it?); its InputError is
+    raised again with the prompt's file:line in front.
     """
     prompts, seen = [], set()
     for where, row in records:
@@ -365,6 +367,8 @@ def prompt_records(records, max_prompts=None):
         if str(key) in seen:
             continue
         seen.add(str(key))
+        if check is not None:
+            _named(where, check, messages)
         prompts.append((str(key), messages))
         if max_prompts and len(prompts) >= max_prompts:
             break

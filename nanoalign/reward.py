@@ -46,14 +46,25 @@ def load_reward(spec: str, **kw):
     unknown = set(kw) - {name for b in backends for name in inspect.signature(b).parameters}
     if unknown:
         raise TypeError(f"load_reward: unknown argument(s) {sorted(unknown)}")
-    if spec == "toy":
-        cls, args = RuleReward, ()
-    elif spec == "http" or spec.startswith(("http://", "https://")):
-        cls, args = HttpReward, (NVIDIA_BASE_URL if spec == "http" else spec,)
-    else:
-        cls, args = LocalRewardModel, (spec,)
+    cls, args = _backend(spec)
     taken = inspect.signature(cls).parameters
     return cls(*args, **{k: v for k, v in kw.items() if k in taken})
+
+
+def _backend(spec: str):
+    """The backend class of `spec` and its positional arguments."""
+    if spec == "toy":
+        return RuleReward, ()
+    if spec == "http" or spec.startswith(("http://", "https://")):
+        return HttpReward, (NVIDIA_BASE_URL if spec == "http" else spec,)
+    return LocalRewardModel, (spec,)
+
+
+def prompt_check(spec: str):
+    """What the backend of `spec` needs from a prompt, without loading it: a function(messages) that raises
+    InputError for a prompt whose answers it cannot score, or None (it scores any prompt). Scripts run it on every
+    prompt before sampling, so an ungradable prompt fails at once instead of after a sampled batch."""
+    return getattr(_backend(spec)[0], "check_prompt", None)
 
 
 def add_reward_args(parser):
@@ -62,7 +73,8 @@ def add_reward_args(parser):
                         help="`toy` (rule-based), an http(s) URL (OpenAI-compatible endpoint), or a reward model "
                              "dir / hub id")
     parser.add_argument("--reward-dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                        help="local reward model precision (default: bf16 on CUDA, fp32 on CPU)")
+                        help="local reward model precision (default: --precision's: bf16 on a GPU with bf16, "
+                             "else fp32)")
     parser.add_argument("--reward-batch-size", type=int, default=8, help="local reward model: rows per forward")
     parser.add_argument("--reward-model", default=NEMOTRON_REWARD, help="http reward: model name at the endpoint")
     parser.add_argument("--reward-tokenizer", default=None,
@@ -74,12 +86,13 @@ def add_reward_args(parser):
     parser.add_argument("--reward-concurrency", type=int, default=8, help="http reward: requests in flight")
 
 
-def reward_from_args(args, device, cache_path):
-    """The backend add_reward_args' flags describe; HTTP scores are cached in cache_path."""
-    if args.reward_dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    else:
+def reward_from_args(args, device, cache_path, dtype=None):
+    """The backend add_reward_args' flags describe; HTTP scores are cached in cache_path. A local model runs in
+    --reward-dtype, else `dtype` (the scripts' --precision), else bf16 on CUDA and fp32 elsewhere."""
+    if args.reward_dtype is not None:
         dtype = DTYPES[args.reward_dtype]
+    elif dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return load_reward(args.reward, device=device, dtype=dtype, batch_size=args.reward_batch_size,
                        model=args.reward_model, tokenizer=args.reward_tokenizer, cache_path=cache_path,
                        retries=args.reward_retries, timeout=args.reward_timeout, concurrency=args.reward_concurrency)
@@ -92,6 +105,8 @@ def _check_batch(prompts, responses, ids):
 
 class RuleReward:
     """The built-in offline task's rule (nanoalign.toy.reward): 1.0 exact answer, 0.5, 0.1 or 0.0."""
+
+    check_prompt = staticmethod(toy.check_prompt)
 
     def score(self, prompts, responses, ids=None) -> list[float]:
         _check_batch(prompts, responses, ids)
