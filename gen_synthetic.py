@@ -10,11 +10,12 @@
 
 Writes <out>/samples.jsonl (every scored completion; while running, each rank appends to its own
 samples.part<r>-of-<N>.jsonl, merged by rank 0 in prompt order at the end), <out>/pairs.jsonl (prompt, chosen,
-rejected, scores: train_dpo.py reads it) and <out>/summary.json. Killed and restarted with the same arguments (on any
-number of GPUs), it skips the prompts already done; a failing reward endpoint stops it after its retries with
-everything so far on disk. Sample k of a prompt depends only on (--seed, prompt_id, k), so the files are the same
-whatever the number of ranks, the --batch-size or the point where a run was resumed. A sample the reward endpoint
-refuses (HTTP 400/413/422, e.g. too long) keeps score null, is in no pair, and is counted as `skipped` in summary.json.
+rejected, scores, whether each answer finished: train_dpo.py reads it) and <out>/summary.json. Killed and restarted
+with the same arguments (on any number of GPUs), it skips the prompts already done; a failing reward endpoint stops
+it after its retries with everything so far on disk. Sample k of a prompt depends only on (--seed, prompt_id, k), so
+the files are the same whatever the number of ranks, the --batch-size or the point where a run was resumed.
+A sample the reward endpoint refuses (HTTP 400/413/422, e.g. too long) keeps score null, is in no pair, and is
+counted as `skipped` in summary.json.
 Keep generation prompts apart from eval prompts (UltraFeedback: train_gen here, test_gen in eval_winrate.py).
 """
 import argparse
@@ -64,7 +65,10 @@ parser.add_argument("--policy-timeout", type=float, default=600, help="--policy-
 add_reward_args(parser)
 parser.add_argument("--min-gap", type=float, default=0.0, help="keep a pair only if best - worst score >= this")
 parser.add_argument("--drop-empty", action="store_true", help="never use an empty completion in a pair")
-parser.add_argument("--drop-truncated", action="store_true", help="never use a completion cut at --max-new-tokens")
+parser.add_argument("--drop-truncated", action="store_true", default=True,
+                    help="never use a completion cut at --max-new-tokens in a pair (the default)")
+parser.add_argument("--keep-truncated", dest="drop_truncated", action="store_false",
+                    help="use cut completions too (pairs.jsonl marks them *_finished=false: trained without <|im_end|>)")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                     help="dtype of the policies, and of a local reward model unless --reward-dtype "
                          "(default: bf16 on a GPU with bf16, else fp32)")
@@ -179,7 +183,8 @@ for pid, group in by_prompt.items():
         continue
     best, worst = pair
     pairs.append(dict(prompt_id=pid, prompt=group[0]["prompt"], chosen=best["response"], rejected=worst["response"],
-                      score_chosen=best["score"], score_rejected=worst["score"]))
+                      score_chosen=best["score"], score_rejected=worst["score"],
+                      chosen_finished=best["finished"], rejected_finished=worst["finished"]))
 write_jsonl(out / "pairs.jsonl", pairs)
 scores = [s["score"] for s in rows if s["score"] is not None]  # None: refused by the reward endpoint
 summary = dict(prompts=len(by_prompt), samples=len(rows), pairs=len(pairs), **dropped,

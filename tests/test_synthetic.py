@@ -14,6 +14,7 @@ import json
 import math
 import random
 import re
+import shutil
 import threading
 from types import SimpleNamespace
 
@@ -135,30 +136,55 @@ def test_samples_are_scored_by_the_toy_reward(setup, toy_run):
     assert any(r["finished"] for r in rows) and not all(r["finished"] for r in rows)
 
 
-def test_pairs_are_best_and_worst_above_the_gap(toy_run):
-    rows = read_rows(toy_run / "samples.jsonl")
-    pairs = read_rows(toy_run / "pairs.jsonl")
-    expected = {}
-    for pid, group in groups(rows).items():
-        best, worst = max(r["score"] for r in group), min(r["score"] for r in group)
-        if best - worst >= 0.5:
-            expected[pid] = (best, worst)
-    assert 0 < len(expected) < 8, "the run should keep some prompts and drop others"
-    assert [p["prompt_id"] for p in pairs] == list(expected)
+def check_pairs(out, keep_truncated):
+    """pairs.jsonl = each prompt's (best, worst) above the gap, among finished samples only unless --keep-truncated;
+    each pair says whether its answers finished; summary.json counts what was left out."""
+    rows = read_rows(out / "samples.jsonl")
+    pairs = read_rows(out / "pairs.jsonl")
     by_prompt = groups(rows)
+    usable = {pid: [r for r in group if keep_truncated or r["finished"]] for pid, group in by_prompt.items()}
+    expected = {}
+    for pid, group in usable.items():
+        if group and max(r["score"] for r in group) - min(r["score"] for r in group) >= 0.5:
+            expected[pid] = (max(r["score"] for r in group), min(r["score"] for r in group))
+    assert [p["prompt_id"] for p in pairs] == list(expected)
     for p in pairs:
-        group = by_prompt[p["prompt_id"]]
+        group = usable[p["prompt_id"]]
         assert (p["score_chosen"], p["score_rejected"]) == expected[p["prompt_id"]]
-        assert p["chosen"] in [r["response"] for r in group if r["score"] == p["score_chosen"]]
-        assert p["rejected"] in [r["response"] for r in group if r["score"] == p["score_rejected"]]
+        for side in ("chosen", "rejected"):
+            (sample,) = {(r["response"], r["finished"]) for r in group
+                         if r["score"] == p[f"score_{side}"] and r["response"] == p[side]}
+            assert p[f"{side}_finished"] is sample[1]
         assert p["prompt"] == group[0]["prompt"]
 
-    summary = json.loads((toy_run / "summary.json").read_text())
-    assert summary == dict(prompts=8, samples=8 * N, pairs=len(pairs), unusable_samples=0,
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == dict(prompts=8, samples=8 * N, pairs=len(pairs),
+                           unusable_samples=0 if keep_truncated else sum(not r["finished"] for r in rows),
                            prompts_below_gap=8 - len(pairs), skipped=0,
                            mean_score=pytest.approx(sum(r["score"] for r in rows) / len(rows)),
                            truncated=sum(not r["finished"] for r in rows),
                            empty=sum(not r["response"].strip() for r in rows))
+    return pairs
+
+
+def test_pairs_are_best_and_worst_above_the_gap(setup, toy_run, tmp_path):
+    """By default an answer cut at --max-new-tokens is never in a pair; --keep-truncated lets it in, marked
+    unfinished (rebuilt from the same samples: a finished run only rebuilds its pairs)."""
+    pairs = check_pairs(toy_run, keep_truncated=False)
+    assert 0 < len(pairs) < 8, "the run should keep some prompts and drop others"
+    assert all(p["chosen_finished"] and p["rejected_finished"] for p in pairs)
+    # the same samples with the first pair's chosen answer marked cut: left out by default, in with --keep-truncated
+    out = tmp_path / "cut"
+    shutil.copytree(toy_run, out)
+    rows = read_rows(out / "samples.jsonl")
+    cut = next(r for r in rows if r["prompt_id"] == pairs[0]["prompt_id"] and r["response"] == pairs[0]["chosen"])
+    cut["finished"] = False
+    write_jsonl(out / "samples.jsonl", rows)
+    assert "0 to sample" in gen(setup, out, *TOY_ARGS).stdout
+    assert all(p["chosen_finished"] and p["rejected_finished"] for p in check_pairs(out, keep_truncated=False))
+    gen(setup, out, *TOY_ARGS, "--keep-truncated")
+    pairs = check_pairs(out, keep_truncated=True)
+    assert pairs[0]["chosen"] == cut["response"] and pairs[0]["chosen_finished"] is False
 
 
 def test_train_dpo_reads_the_pairs(setup, toy_run, tmp_path):
