@@ -32,6 +32,14 @@ def read_json(path):
         raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
+def write_json(path, obj):
+    """Write obj as indented JSON, atomically; NaN or inf anywhere is an error (it is not JSON)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    return path
+
+
 def read_jsonl(path, torn_ok=False):
     """All rows of a JSONL file; a malformed line is an error naming file and line. torn_ok: a last line without
     its newline (a writer killed, or still writing) is left out instead."""

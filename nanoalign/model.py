@@ -28,7 +28,7 @@ SUPPORTED = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "generation_config.json")
+                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
 
 @dataclass
@@ -480,7 +480,7 @@ def load_weights(module: nn.Module, tensors: dict, source, dtype, device, option
 
 
 def load_model(path_or_hub_id, dtype=torch.float32, device="cpu") -> CausalLM:
-    """Load an HF-format Qwen2/Qwen2.5 (or Qwen3) causal LM from a dir or a hub id."""
+    """Load an HF-format Qwen2/Qwen2.5 (or Qwen3) causal LM from a dir or a hub id (dtype None: as stored)."""
     model_dir = resolve_model_dir(path_or_hub_id)
     config = load_config(model_dir)
     with torch.device("meta"):
@@ -503,7 +503,8 @@ def base_state_dict(model: nn.Module) -> dict:
 
 
 def save_model(model: nn.Module, out_dir, tokenizer_from=None, dtype=None, architecture=None):
-    """Write an HF-format dir: config.json + model.safetensors (+ tokenizer files copied from `tokenizer_from`)."""
+    """Write an HF-format dir: config.json + model.safetensors (+ tokenizer files copied from `tokenizer_from`, with
+    the chat template and generation_config.json of what was trained: see Chat.save_for_export)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = base_state_dict(model)
@@ -521,6 +522,9 @@ def save_model(model: nn.Module, out_dir, tokenizer_from=None, dtype=None, archi
             if src.exists() and src.resolve() != (out_dir / name).resolve():
                 with atomic_path(out_dir / name) as tmp:
                     shutil.copy(src, tmp)
+        if (Path(tokenizer_from) / "tokenizer.json").exists():
+            from nanoalign.chat import load_chat
+            load_chat(tokenizer_from).save_for_export(out_dir)
     return out_dir
 
 
