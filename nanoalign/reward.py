@@ -10,7 +10,6 @@ HTTP backend returns None for an item the endpoint refused (see HttpReward.skipp
     rm = load_reward("http", cache_path="runs/rm_cache.jsonl")  # NVIDIA Nemotron-70B-reward; key in $NVIDIA_API_KEY
     scores = rm.score([[{"role": "user", "content": "2+2?"}]], ["4"], ids=["q0"])
 """
-from datetime import datetime
 import inspect
 import json
 import math
@@ -20,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from nanoalign import toy
-from nanoalign.chat import load_chat
+from nanoalign.chat import compile_chat_template, load_chat, read_chat_template
 from nanoalign.errors import InputError
 from nanoalign.endpoint import NEMOTRON_REWARD, NVIDIA_BASE_URL, EndpointError, HttpReward
 from nanoalign.train import DTYPES
@@ -115,38 +114,6 @@ class RuleReward:
 
 # -----------------------------------------------------------------------------
 # A local sequence-classification reward model: our Decoder + the checkpoint's linear `score` head
-
-def read_chat_template(model_dir) -> str | None:
-    """The chat template of an HF dir: tokenizer_config.json["chat_template"], else chat_template.jinja."""
-    model_dir = Path(model_dir)
-    config = model_dir / "tokenizer_config.json"
-    if config.exists():
-        template = json.loads(config.read_text()).get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if template:
-            return template
-    jinja = model_dir / "chat_template.jinja"
-    return jinja.read_text() if jinja.exists() else None
-
-
-def compile_chat_template(template: str):
-    """A jinja2 Template in the sandbox transformers' apply_chat_template uses: immutable, trim_blocks and
-    lstrip_blocks, loop controls, and its helpers raise_exception, strftime_now and a tojson that keeps non-ASCII."""
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
-
 
 def special_tokens(model_dir) -> dict:
     """bos_token, eos_token, ... of tokenizer_config.json as strings: what a chat template may refer to."""
