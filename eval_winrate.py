@@ -14,6 +14,7 @@ a restarted run skips prompts already judged) and <out>/summary.json.
 """
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from nanoalign.lora import load_merged
 from nanoalign.preferences import win_rate
 from nanoalign.reward import RewardServerError, load_reward
 from nanoalign.sampling import generate
-from nanoalign.train import DTYPES, Progress, one_line_errors
+from nanoalign.train import DTYPES, Progress, one_line_errors, rate
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,23 +94,30 @@ if todo:
     def answer(model, prompt_ids, seed):
         outputs = generate(model, prompt_ids, args.max_new_tokens, chat.stop_ids, chat.pad_id, args.temperature,
                            args.top_k, args.top_p, seed=seed, vocab_limit=chat.vocab_size)
-        return [chat.decode(o) for o in outputs]
+        return [chat.decode(o) for o in outputs], sum(map(len, outputs))
 
-    progress = Progress(len(todo), "prompts")
+    progress = Progress(len(todo), "prompts", unit="prompts")
     for start in range(0, len(todo), args.batch_size):
         chunk = todo[start:start + args.batch_size]
         ids = [pid for pid, _ in chunk]
         conversations = [messages for _, messages in chunk]
         prompt_ids = [chat.render_prompt(m)[-args.max_prompt_len:] for m in conversations]
         seed = args.seed + len(done) + start
-        texts_a = answer(model_a, prompt_ids, seed)
-        texts_b = answer(model_b, prompt_ids, seed) if model_b is not None else [stored[pid] for pid in ids]
+        t0 = time.time()
+        texts_a, new_tokens = answer(model_a, prompt_ids, seed)
+        if model_b is not None:
+            texts_b, new_b = answer(model_b, prompt_ids, seed)
+            new_tokens += new_b
+        else:
+            texts_b = [stored[pid] for pid in ids]
+        t1 = time.time()
         scores_a = reward.score(conversations, texts_a, ids=[f"{pid}:a" for pid in ids])
         scores_b = reward.score(conversations, texts_b, ids=[f"{pid}:b" for pid in ids])
         judged.append([dict(prompt_id=pid, prompt=m, response_a=ta, response_b=tb, score_a=sa, score_b=sb,
                             winner="a" if sa - sb > args.tie_eps else "b" if sb - sa > args.tie_eps else "tie")
                        for pid, m, ta, tb, sa, sb in zip(ids, conversations, texts_a, texts_b, scores_a, scores_b)])
-        progress.update(len(chunk))
+        progress.update(len(chunk), rate(new_tokens, t1 - t0, "new tok"),
+                        rate(2 * len(chunk), time.time() - t1, "scores"))
     progress.close()
 
 rows = [row for row in judged.rows if row["prompt_id"] in {pid for pid, _ in prompts}]

@@ -13,6 +13,7 @@ Keep generation prompts apart from eval prompts (UltraFeedback: train_gen here, 
 """
 import argparse
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from nanoalign.lora import load_merged
 from nanoalign.preferences import best_worst_pair
 from nanoalign.reward import RewardServerError, load_reward
 from nanoalign.sampling import generate
-from nanoalign.train import DTYPES, Progress, one_line_errors
+from nanoalign.train import DTYPES, Progress, one_line_errors, rate
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,21 +83,24 @@ if todo:
     reward = load_reward(args.reward, device=device, batch_size=args.reward_batch_size, model=args.reward_model,
                          cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
                          timeout=args.reward_timeout, concurrency=args.reward_concurrency)
-    progress = Progress(len(todo), "prompts")
+    progress = Progress(len(todo), "prompts", unit="prompts")
     for start in range(0, len(todo), args.batch_size):
         chunk = todo[start:start + args.batch_size]
         prompt_ids = [chat.render_prompt(messages)[-args.max_prompt_len:] for _, messages in chunk]
+        t0 = time.time()
         outputs = generate(model, [p for p in prompt_ids for _ in range(args.n)], args.max_new_tokens,
                            chat.stop_ids, chat.pad_id, args.temperature, args.top_k, args.top_p,
                            seed=args.seed + len(done) + start, vocab_limit=chat.vocab_size)
         texts = [chat.decode(o) for o in outputs]
         conversations = [messages for _, messages in chunk for _ in range(args.n)]
+        t1 = time.time()
         scores = reward.score(conversations, texts, ids=[pid for pid, _ in chunk for _ in range(args.n)])
+        t2 = time.time()
         samples.append([dict(prompt_id=pid, prompt=messages, sample=k, response=texts[i * args.n + k],
                              score=scores[i * args.n + k], n_tokens=len(outputs[i * args.n + k]),
                              finished=bool(outputs[i * args.n + k]) and outputs[i * args.n + k][-1] in chat.stop_ids)
                         for i, (pid, messages) in enumerate(chunk) for k in range(args.n)])
-        progress.update(len(chunk))
+        progress.update(len(chunk), rate(sum(map(len, outputs)), t1 - t0, "new tok"), rate(len(texts), t2 - t1, "scores"))
     progress.close()
 
 # pairs are a pure function of the samples on disk, so they are rebuilt whole on every run

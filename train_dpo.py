@@ -26,10 +26,11 @@ from nanoalign.data import mix, preference_batch, preference_examples, read_reco
 from nanoalign.lora import adapters_disabled, add_lora, describe, load_adapter, load_merged, save_adapter
 from nanoalign.losses import dpo_loss, dpo_metrics, sequence_logps
 from nanoalign.model import load_model, resolve_model_dir, save_model
-from nanoalign.train import (DTYPES, MetricsLog, Progress, all_reduce_sum, autocast, cleanup_distributed,
+from nanoalign.report import REPORT_TO, open_tracker, write_model_card
+from nanoalign.train import (DTYPES, MetricsLog, Progress, all_reduce_sum, autocast, beta_at, cleanup_distributed,
                              load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync, one_line_errors,
-                             optimizer_step, print0, resolve_resume, save_train_state, set_lr, setup_distributed,
-                             wrap_ddp)
+                             optimizer_step, print0, rate, resolve_resume, save_train_state, set_lr, setup_distributed,
+                             track, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,8 +46,11 @@ parser.add_argument("--max-len", type=int, default=1024, help="longest prompt + 
 parser.add_argument("--max-prompt-len", type=int, default=512, help="prompts keep their last this-many tokens")
 parser.add_argument("--eval-frac", type=float, default=0.02)
 parser.add_argument("--beta", type=float, default=0.1)
+parser.add_argument("--beta-warmup-steps", type=int, default=0, help="ramp beta linearly from beta/N to beta over the first N steps")
 parser.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid")
 parser.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO (sigmoid only)")
+parser.add_argument("--margin-clamp", type=float, default=0.0,
+                    help="clamp the DPO margin (log-ratio difference, before beta) to [-C, C]; 0 = off")
 parser.add_argument("--sft-weight", type=float, default=0.0, help="add this x NLL of the chosen responses (keeps chosen log-probs up)")
 parser.add_argument("--ref", default=None, help="a separate reference model (default: --model + --adapter, new adapter off)")
 parser.add_argument("--precompute-ref", action="store_true", help="compute reference log-probs once, before training")
@@ -60,7 +64,10 @@ parser.add_argument("--epochs", type=float, default=1.0)
 parser.add_argument("--max-steps", type=int, default=0)
 parser.add_argument("--lr", type=float, default=5e-5)
 parser.add_argument("--min-lr-ratio", type=float, default=0.0)
-parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+parser.add_argument("--schedule", choices=["cosine", "linear", "constant", "step"], default="cosine",
+                    help="step: lr x --lr-step-gamma every --lr-step-every epochs (StepLR)")
+parser.add_argument("--lr-step-every", type=float, default=0.2, help="--schedule step: epochs between lr drops")
+parser.add_argument("--lr-step-gamma", type=float, default=0.5, help="--schedule step: lr factor at each drop")
 parser.add_argument("--warmup-steps", type=int, default=0)
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--clip", type=float, default=1.0)
@@ -74,6 +81,8 @@ parser.add_argument("--eval-every", type=int, default=100)
 parser.add_argument("--save-every", type=int, default=500)
 parser.add_argument("--resume", default=None, help="a ckpt-<step> dir, or `auto`")
 parser.add_argument("--merge", action="store_true", help="also write <out>/merged, an HF model dir with adapters folded in")
+parser.add_argument("--report-to", choices=REPORT_TO, default="none",
+                    help="also send metrics to TensorBoard (<out>/tensorboard) or W&B; metrics.jsonl is always written")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
@@ -81,6 +90,7 @@ one_line_errors()
 # -----------------------------------------------------------------------------
 
 d = setup_distributed(args.device)
+tracker = open_tracker(args.report_to, args.out, vars(args), d.is_main)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
 model_dir = resolve_model_dir(args.model)
@@ -89,12 +99,14 @@ chat = load_chat(args.tokenizer or model_dir)
 # data: every source rendered and truncated the same way, then mixed, split, and cut into world-invariant steps
 sources = []
 for source in args.data:
-    examples, stats = preference_examples(read_records(source, args.data_split, args.data_config), chat,
+    examples, stats = preference_examples(track(read_records(source, args.data_split, args.data_config), "tokenise", d.is_main), chat,
                                           args.max_len, args.max_prompt_len)
     print0(f"{source}: {stats}")
     sources.append(examples)
 weights = [float(w) for w in args.data_weights.split(",")] if args.data_weights else [1.0] * len(sources)
 assert len(weights) == len(sources), f"--data-weights has {len(weights)} values for {len(sources)} --data sources"
+data_rows = [(source + (f" (weight {w:g})" if w != 1 else ""), round(w * len(examples)))
+             for source, w, examples in zip(args.data, weights, sources)]  # for the model card
 pairs = mix(sources, weights, args.seed)
 train_set, eval_pairs = split_holdout(pairs, args.eval_frac, args.seed) if args.eval_frac > 0 else (pairs, [])
 eval_set = shard(eval_pairs, d.rank, d.world) if len(eval_pairs) >= d.world else []
@@ -163,7 +175,7 @@ def precompute_reference(examples, path):
         print0(f"{path} is stale (other model, settings or data): recomputing")
     logps = {}
     mine = shard(examples, d.rank, d.world) if len(examples) >= d.world else examples
-    progress = Progress(len(mine), "reference", d.is_main)
+    progress = Progress(len(mine), "reference", d.is_main, unit="pairs")
     for i in range(0, len(mine), args.batch_size * 2):
         batch = mine[i:i + args.batch_size * 2]
         ids, mask = (t.to(d.device) for t in preference_batch(batch, chat.pad_id))
@@ -191,7 +203,7 @@ def precompute_reference(examples, path):
 ref_cache = precompute_reference(train_set + eval_pairs, out / "ref_logps.pt") if args.precompute_ref else None
 
 
-def dpo_forward(forward, ids, mask, batch):
+def dpo_forward(forward, ids, mask, batch, beta):
     """One forward for chosen and rejected together ([2b, t]), then the DPO loss per pair."""
     b = ids.shape[0] // 2
     policy = sequence_logps(forward(ids, return_hidden=True), lm_head, ids, mask, args.chunk_size)  # [2b]
@@ -199,8 +211,8 @@ def dpo_forward(forward, ids, mask, batch):
         ref = torch.tensor([ref_cache[pair_key(ex)] for ex in batch], device=ids.device).T.reshape(-1)
     else:
         ref = reference_logps(ids, mask)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], args.beta,
-                                                        args.loss_type, args.label_smoothing)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta,
+                                                        args.loss_type, args.label_smoothing, args.margin_clamp)
     return policy, losses, chosen_rewards, rejected_rewards
 
 
@@ -215,14 +227,14 @@ ddp_model = wrap_ddp(torch.compile(model) if args.compile else model, d)
 
 
 @torch.no_grad()
-def evaluate():
+def evaluate(beta):
     model.eval()
     sums, n = None, 0
     for i in range(0, len(eval_set), args.batch_size):
         batch = eval_set[i:i + args.batch_size]
         ids, mask = (t.to(d.device) for t in preference_batch(batch, chat.pad_id))
         with autocast(d.device, args.precision):
-            policy, losses, cr, rr = dpo_forward(model, ids, mask, batch)
+            policy, losses, cr, rr = dpo_forward(model, ids, mask, batch, beta)
         m = dpo_metrics(losses, cr, rr, policy[:len(batch)], policy[len(batch):])
         row = torch.stack([v.float() for v in m.values()]) * len(batch)
         sums, n = (row if sums is None else sums + row), n + len(batch)
@@ -232,11 +244,21 @@ def evaluate():
     return {f"eval_{k}": v / all_reduce_sum(n, d.device) for k, v in zip(m.keys(), sums.tolist())}
 
 
+def card(path, adapter):
+    """The model card of final/ (the new adapter) or merged/ (every adapter folded into the base)."""
+    below = "".join(f" + {a}" for a in args.adapter)
+    write_model_card(path, title=f"{out.name}: LoRA DPO of {args.model}{below}", base=args.model, args=vars(args),
+                     data=[*data_rows, ("(held out for eval)", len(eval_pairs))], metrics=final_metrics,
+                     world=d.world, steps=step, adapter=adapter, tags=["dpo", "lora"])
+
+
 def save(name, final=False):
     ckpt = out / name
     if d.is_main:
         save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
         (ckpt / "nanoalign_stack.json").write_text(json.dumps({"base": args.model, "below": args.adapter}, indent=2))
+        if final:
+            card(ckpt, adapter=True)
     if not final:
         save_train_state(ckpt, optimizer, scaler, step, args=vars(args))
     if d.world > 1:
@@ -245,6 +267,7 @@ def save(name, final=False):
 
 
 metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
+final_metrics = {}  # the last value of every metric, eval included
 progress = Progress(total_steps, "dpo", d.is_main, start=step)
 steps = step_batches([len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) for ex in train_set],
                      args.batch_size, args.grad_accum, d.rank, d.world, args.seed, start_step=step)
@@ -252,16 +275,19 @@ global_pairs = args.batch_size * args.grad_accum * d.world
 while step < total_steps:
     t0 = time.time()
     micro = next(steps)
-    lr = lr_at(step, total_steps, args.lr, args.warmup_steps, args.schedule, args.min_lr_ratio)
+    lr = lr_at(step, total_steps, args.lr, args.warmup_steps, args.schedule, args.min_lr_ratio,
+               max(1, round(args.lr_step_every * steps_per_epoch)), args.lr_step_gamma)
     set_lr(optimizer, lr)
+    beta = beta_at(step, args.beta, args.beta_warmup_steps)
     if args.sft_weight:  # the SFT term is a mean over every chosen token of the global batch
         chosen_tokens = all_reduce_sum(sum(len(train_set[i]["chosen"]) for mb in micro for i in mb), d.device)
-    sums = None
+    sums, tokens = None, 0
     for i, idx in enumerate(micro):
         batch = [train_set[j] for j in idx]
         ids, mask = (t.to(d.device) for t in preference_batch(batch, chat.pad_id))
+        tokens += ids.numel()
         with maybe_no_sync(ddp_model, sync=i == len(micro) - 1), autocast(d.device, args.precision):
-            policy, losses, cr, rr = dpo_forward(ddp_model, ids, mask, batch)
+            policy, losses, cr, rr = dpo_forward(ddp_model, ids, mask, batch, beta)
             # mean over the pairs of the global batch; x world undoes DDP's gradient averaging
             loss = losses.sum() / global_pairs * d.world
             if args.sft_weight:
@@ -274,16 +300,20 @@ while step < total_steps:
     step += 1
     if d.world > 1:
         torch.distributed.all_reduce(sums)
-    row = dict(step=step, lr=lr, grad_norm=grad_norm, **{k: v / global_pairs for k, v in zip(m.keys(), sums.tolist())},
-               pairs_per_s=global_pairs / (time.time() - t0))
+    dt, tokens = time.time() - t0, all_reduce_sum(tokens, d.device)  # positions computed, pads included
+    row = dict(step=step, lr=lr, beta=beta, grad_norm=grad_norm, **{k: v / global_pairs for k, v in zip(m.keys(), sums.tolist())},
+               pairs_per_s=global_pairs / dt, tokens_per_s=tokens / dt)
     if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_set:
-        row.update(evaluate())
+        row.update(evaluate(beta))
     metrics.log(**row)
-    progress.update(loss=row["loss"], acc=row["reward_acc"], margin=row["reward_margin"],
-                    **({"eval_acc": row["eval_reward_acc"]} if "eval_reward_acc" in row else {}))
+    tracker.log(step, row)
+    final_metrics.update(row)
+    progress.update(1, rate(tokens, dt, "tok"), loss=row["loss"], lr=f"{lr:.2e}", acc=row["reward_acc"],
+                    margin=row["reward_margin"], **({"eval_acc": row["eval_reward_acc"]} if "eval_reward_acc" in row else {}))
     if args.save_every and step % args.save_every == 0 and step < total_steps:
         save(f"ckpt-{step}")
 progress.close()
+tracker.close(final_metrics)
 if args.save_every:
     save(f"ckpt-{step}")
 save("final", final=True)
@@ -291,5 +321,6 @@ if args.merge and d.is_main:
     # merged in fp32 from the saved files (the live base may be bf16), written in the base checkpoint's dtype
     merged = load_merged(model_dir, [*args.adapter, out / "final"], dtype=torch.float32)
     save_model(merged, out / "merged", tokenizer_from=model_dir, dtype=getattr(torch, model.config.torch_dtype))
+    card(out / "merged", adapter=False)
     print0(f"saved {out / 'merged'} (every adapter folded in)")
 cleanup_distributed()

@@ -22,9 +22,11 @@ from nanoalign.data import (pack, packed_batch, pad_right, read_records, sft_bat
                             split_holdout, step_batches)
 from nanoalign.losses import masked_logps, sft_loss
 from nanoalign.model import PACKED_ATTENTION, load_model, resolve_model_dir, save_model
+from nanoalign.report import REPORT_TO, open_tracker, write_model_card
 from nanoalign.train import (MetricsLog, Progress, all_reduce_sum, autocast, cleanup_distributed, load_train_state,
                              lr_at, make_optimizer, make_scaler, maybe_no_sync, one_line_errors, optimizer_step,
-                             print0, resolve_resume, save_train_state, set_lr, setup_distributed, wrap_ddp)
+                             print0, rate, resolve_resume, save_train_state, set_lr, setup_distributed, track,
+                             wrap_ddp)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +67,8 @@ parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_
 parser.add_argument("--eval-every", type=int, default=100, help="steps between eval losses (0 = only at the end)")
 parser.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0 = only final)")
 parser.add_argument("--resume", default=None, help="a ckpt-<step> dir, or `auto` for the newest in --out")
+parser.add_argument("--report-to", choices=REPORT_TO, default="none",
+                    help="also send metrics to TensorBoard (<out>/tensorboard) or W&B; metrics.jsonl is always written")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 args = parser.parse_args()
@@ -76,14 +80,15 @@ if args.pack and args.pack_attn != "sdpa" and not cuda:
 # -----------------------------------------------------------------------------
 
 d = setup_distributed(args.device)
+tracker = open_tracker(args.report_to, args.out, vars(args), d.is_main)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
 model_dir = resolve_model_dir(args.model)
 chat = load_chat(args.tokenizer or model_dir)
 
 # data: render with the assistant mask, hold out an eval split, shard over ranks
-examples, stats = sft_examples(read_records(args.data, args.data_split, args.data_config), chat, args.max_len,
-                               args.truncation)
+examples, stats = sft_examples(track(read_records(args.data, args.data_split, args.data_config), "tokenise",
+                                     d.is_main), chat, args.max_len, args.truncation)
 print0(f"data: {stats}")
 train_set, eval_set = split_holdout(examples, args.eval_frac, args.seed) if args.eval_frac > 0 else (examples, [])
 eval_set = shard(eval_set, d.rank, d.world) if len(eval_set) >= d.world else []
@@ -156,6 +161,10 @@ def save(name, final=False):
             save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
         else:
             save_model(model, ckpt, tokenizer_from=model_dir)
+        if final:
+            write_model_card(ckpt, title=f"{out.name}: SFT of {args.model}", base=args.model, args=vars(args),
+                             data=[(args.data, len(train_set)), ("(held out for eval loss)", len(eval_set) * d.world)],
+                             metrics=final_metrics, world=d.world, steps=step, adapter=args.lora, tags=["sft"])
     if not final:
         save_train_state(ckpt, optimizer, scaler, step, args=vars(args))
     if d.world > 1:
@@ -164,6 +173,7 @@ def save(name, final=False):
 
 
 metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
+final_metrics = {}  # the last value of every metric, eval included
 progress = Progress(total_steps, "sft", d.is_main, start=step)
 steps = step_micro_batches(start_step=step)
 while step < total_steps:
@@ -191,11 +201,14 @@ while step < total_steps:
     if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_set:
         row["eval_loss"] = evaluate()
     metrics.log(**row)
-    progress.update(loss=loss_value, **({"eval": row["eval_loss"]} if "eval_loss" in row else {}),
-                    tok_s=f"{tokens / dt / 1000:.1f}k")
+    tracker.log(step, row)
+    final_metrics.update(row)
+    progress.update(1, rate(tokens, dt, "tok"), loss=loss_value, lr=f"{lr:.2e}",
+                    **({"eval": row["eval_loss"]} if "eval_loss" in row else {}))
     if args.save_every and step % args.save_every == 0 and step < total_steps:
         save(f"ckpt-{step}")
 progress.close()
+tracker.close(final_metrics)
 if args.save_every:
     save(f"ckpt-{step}")
 save("final", final=True)
