@@ -21,6 +21,7 @@ import torch
 
 from nanoalign.chat import load_chat
 from nanoalign.data import prompt_records, read_records
+from nanoalign.errors import InputError
 from nanoalign.jsonl import ResumableJsonl
 from nanoalign.lora import load_merged
 from nanoalign.preferences import win_rate
@@ -61,7 +62,8 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
 one_line_errors(RewardServerError)
-assert (args.model_b is None) != (args.responses_b is None), "give exactly one of --model-b and --responses-b"
+if (args.model_b is None) == (args.responses_b is None):
+    raise InputError("give exactly one of --model-b and --responses-b")
 # -----------------------------------------------------------------------------
 
 device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -77,10 +79,12 @@ if args.responses_b:  # keyed like the prompts: the row's prompt_id, else a hash
     stored = {}
     for where, row in read_records(args.responses_b):  # where = "file:line"
         response = row.get("response", row.get("output"))
-        assert isinstance(response, str), f"{where}: no `response` string in the row"
+        if not isinstance(response, str):
+            raise InputError(f"{where}: no `response` string in the row")
         stored[str(row["prompt_id"]) if row.get("prompt_id") else prompt_records([(where, row)])[0][0]] = response
     missing = [pid for pid, _ in todo if pid not in stored]
-    assert not missing, f"{args.responses_b}: no stored response for {len(missing)} prompts (e.g. {missing[0]})"
+    if missing:
+        raise InputError(f"{args.responses_b}: no stored response for {len(missing)} prompts (e.g. {missing[0]})")
 
 if todo:
     chat = load_chat(args.tokenizer or args.model_a)

@@ -23,6 +23,7 @@ import torch
 
 from nanoalign.chat import load_chat
 from nanoalign.data import mix, preference_batch, preference_examples, read_records, shard, split_holdout, step_batches
+from nanoalign.errors import InputError
 from nanoalign.lora import adapters_disabled, add_lora, describe, load_adapter, load_merged, save_adapter
 from nanoalign.losses import dpo_loss, dpo_metrics, sequence_logps
 from nanoalign.model import load_model, resolve_model_dir, save_model
@@ -104,14 +105,17 @@ for source in args.data:
     print0(f"{source}: {stats}")
     sources.append(examples)
 weights = [float(w) for w in args.data_weights.split(",")] if args.data_weights else [1.0] * len(sources)
-assert len(weights) == len(sources), f"--data-weights has {len(weights)} values for {len(sources)} --data sources"
+if len(weights) != len(sources):
+    raise InputError(f"--data-weights has {len(weights)} values for {len(sources)} --data sources")
 data_rows = [(source + (f" (weight {w:g})" if w != 1 else ""), round(w * len(examples)))
              for source, w, examples in zip(args.data, weights, sources)]  # for the model card
 pairs = mix(sources, weights, args.seed)
 train_set, eval_pairs = split_holdout(pairs, args.eval_frac, args.seed) if args.eval_frac > 0 else (pairs, [])
 eval_set = shard(eval_pairs, d.rank, d.world) if len(eval_pairs) >= d.world else []
 steps_per_epoch = len(train_set) // (args.batch_size * args.grad_accum * d.world)
-assert steps_per_epoch > 0, f"{len(train_set)} pairs are fewer than one global batch"
+if steps_per_epoch == 0:
+    raise InputError(f"{len(train_set)} pairs are fewer than one global batch "
+                     f"(--batch-size x --grad-accum x world size)")
 total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
 print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval pairs; {total_steps} steps")
 

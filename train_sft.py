@@ -20,6 +20,7 @@ import torch
 from nanoalign.chat import load_chat
 from nanoalign.data import (pack, packed_batch, pad_right, read_records, sft_batches, sft_examples, shard,
                             split_holdout, step_batches)
+from nanoalign.errors import InputError
 from nanoalign.losses import masked_logps, sft_loss
 from nanoalign.model import PACKED_ATTENTION, load_model, resolve_model_dir, save_model
 from nanoalign.report import REPORT_TO, open_tracker, write_model_card
@@ -97,7 +98,9 @@ lengths = [len(ex["ids"]) for ex in train_set]
 units = pack(lengths, args.max_len, args.seed) if args.pack else [[i] for i in range(len(train_set))]
 steps_per_epoch = len(units) // (args.batch_size * args.grad_accum * d.world)
 unit_name = "packed rows" if args.pack else "conversations"
-assert steps_per_epoch > 0, f"{len(units)} {unit_name} are fewer than one global batch (lower --batch-size?)"
+if steps_per_epoch == 0:
+    raise InputError(f"{len(units)} {unit_name} are fewer than one global batch "
+                     f"(--batch-size x --grad-accum x world size)")
 total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
 print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval conversations"
        + (f" in {len(units)} packed rows" if args.pack else "") + f"; {total_steps} steps")

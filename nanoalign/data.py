@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanoalign.errors import InputError
+
 DATA_EXTS = (".parquet", ".jsonl", ".json")
 
 # -----------------------------------------------------------------------------
@@ -41,7 +43,7 @@ def read_records(source, split="train", config=None):
     path, repo = Path(source), None
     if path.is_file():
         if not path.name.endswith(DATA_EXTS):
-            raise ValueError(f"{path}: unsupported file type (want one of {', '.join(DATA_EXTS)})")
+            raise InputError(f"{path}: unsupported file type (want one of {', '.join(DATA_EXTS)})")
         files = [str(path)]
     elif path.is_dir():
         rel = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
@@ -97,7 +99,7 @@ def _read_json(path, name):
             try:
                 rows = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{name}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+                raise InputError(f"{name}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
             for i, row in enumerate(rows):
                 yield _check_row(f"{name}:{i}", row)
             return
@@ -107,7 +109,7 @@ def _read_json(path, name):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{name}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+                raise InputError(f"{name}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
             yield _check_row(f"{name}:{lineno}", row)
 
 
@@ -130,7 +132,7 @@ def _pyarrow_parquet():
 
 def _check_row(where, row):
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object per row, got {type(row).__name__}")
+        raise InputError(f"{where}: expected a JSON object per row, got {type(row).__name__}")
     return where, row
 
 
@@ -163,20 +165,20 @@ def select_files(files, split, config=None, source="dataset"):
     """
     data = [(f, *_split_config(f)) for f in files if f.endswith(DATA_EXTS)]
     if not data:
-        raise ValueError(f"{source}: no data files ({', '.join(DATA_EXTS)}) among {len(files)} files")
+        raise InputError(f"{source}: no data files ({', '.join(DATA_EXTS)}) among {len(files)} files")
     configs = sorted({c for _, _, c in data if c is not None})
     if config is None and all(c is not None for _, _, c in data):
         if len(configs) > 1:
-            raise ValueError(f"{source}: pick a config, one of: {', '.join(configs)}")
+            raise InputError(f"{source}: pick a config, one of: {', '.join(configs)}")
         config = configs[0]
     elif config is not None and config not in configs:
-        raise ValueError(f"{source}: no config {config!r}; configs: {', '.join(configs) or '(none)'}")
+        raise InputError(f"{source}: no config {config!r}; configs: {', '.join(configs) or '(none)'}")
     data = [(f, s) for f, s, c in data if c == config]
     chosen = sorted(f for f, s in data if s == split)
     if not chosen:
         splits = sorted({s for _, s in data})
         where = f"{source} (config {config})" if config else source
-        raise ValueError(f"{where}: no files for split {split!r}; splits: {', '.join(splits)}")
+        raise InputError(f"{where}: no files for split {split!r}; splits: {', '.join(splits)}")
     parquet = [f for f in chosen if f.endswith(".parquet")]
     return parquet or chosen
 
@@ -192,17 +194,17 @@ def _messages(value, field, where):
         for m in value)
     if not ok:
         got = "missing" if value is None else f"got {type(value).__name__} {str(value)[:80]!r}"
-        raise ValueError(f"{where}: field {field!r} must be a non-empty list of {{role, content}} "
+        raise InputError(f"{where}: field {field!r} must be a non-empty list of {{role, content}} "
                          f"messages ({got})")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def _named(where, fn, *args):
-    """fn(*args), with `where` put in front of the message of a ValueError (e.g. chat's unknown role)."""
+    """fn(*args), with `where` put in front of the message of an InputError (e.g. chat's unknown role)."""
     try:
         return fn(*args)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
 
 
 def _file(where):
@@ -224,7 +226,8 @@ def sft_examples(records, chat, max_len, truncation="drop"):
     Raises:
         ValueError: a row without a valid `messages` field (names where), or no usable example at all.
     """
-    assert truncation in ("drop", "cut"), f"truncation must be 'drop' or 'cut', got {truncation!r}"
+    if truncation not in ("drop", "cut"):
+        raise InputError(f"--truncation must be 'drop' or 'cut', got {truncation!r}")
     examples, files = [], set()
     stats = dict(kept=0, dropped_too_long=0, cut=0, dropped_no_assistant_tokens=0)
     for where, row in records:
@@ -243,7 +246,7 @@ def sft_examples(records, chat, max_len, truncation="drop"):
         examples.append({"ids": ids, "mask": mask})
     stats["kept"] = len(examples)
     if not examples:
-        raise ValueError(f"no usable examples in {', '.join(sorted(files)) or '(no rows)'} ({stats})")
+        raise InputError(f"no usable examples in {', '.join(sorted(files)) or '(no rows)'} ({stats})")
     return examples, stats
 
 
@@ -254,7 +257,7 @@ def _response(value, field, where):
         return value, None
     msgs = _messages(value, field, where)
     if msgs[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: field {field!r}: last message must be the assistant response, "
+        raise InputError(f"{where}: field {field!r}: last message must be the assistant response, "
                          f"got role {msgs[-1]['role']!r}")
     return msgs[-1]["content"], msgs[:-1] or None
 
@@ -263,11 +266,11 @@ def _pair(row, where):
     """-> (prompt messages, chosen text, rejected text) from a UltraFeedback-style or plain-string row."""
     for field in ("chosen", "rejected"):
         if field not in row:
-            raise ValueError(f"{where}: missing field {field!r} (preference rows need prompt, chosen, rejected)")
+            raise InputError(f"{where}: missing field {field!r} (preference rows need prompt, chosen, rejected)")
     chosen, chosen_prefix = _response(row["chosen"], "chosen", where)
     rejected, rejected_prefix = _response(row["rejected"], "rejected", where)
     if chosen_prefix and rejected_prefix and chosen_prefix != rejected_prefix:
-        raise ValueError(f"{where}: 'chosen' and 'rejected' continue different conversations")
+        raise InputError(f"{where}: 'chosen' and 'rejected' continue different conversations")
     prompt = chosen_prefix or rejected_prefix
     if prompt is None:
         p = row.get("prompt")
@@ -296,7 +299,8 @@ def preference_examples(records, chat, max_len, max_prompt_len):
         (examples, stats): stats counts kept, dropped_identical (chosen == rejected, before or after
         truncation), prompt_cut and response_cut (kept pairs whose prompt / a response was cut).
     """
-    assert 0 < max_prompt_len < max_len, f"need 0 < max_prompt_len ({max_prompt_len}) < max_len ({max_len})"
+    if not 0 < max_prompt_len < max_len:
+        raise InputError(f"need 0 < --max-prompt-len ({max_prompt_len}) < --max-len ({max_len})")
     examples, files = [], set()
     stats = dict(kept=0, dropped_identical=0, prompt_cut=0, response_cut=0)
     for where, row in records:
@@ -317,7 +321,7 @@ def preference_examples(records, chat, max_len, max_prompt_len):
         examples.append({"prompt": p, "chosen": c, "rejected": r})
     stats["kept"] = len(examples)
     if not examples:
-        raise ValueError(f"no usable examples in {', '.join(sorted(files)) or '(no rows)'} ({stats})")
+        raise InputError(f"no usable examples in {', '.join(sorted(files)) or '(no rows)'} ({stats})")
     return examples, stats
 
 
@@ -342,7 +346,7 @@ def prompt_records(records, max_prompts=None):
             messages = _messages(row.get("messages"), "messages", where)
             last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
             if last_user is None:
-                raise ValueError(f"{where}: field 'messages' has no user turn to answer")
+                raise InputError(f"{where}: field 'messages' has no user turn to answer")
             messages = messages[:last_user + 1]
         key = row.get("prompt_id") or hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
         if str(key) in seen:
@@ -352,7 +356,7 @@ def prompt_records(records, max_prompts=None):
         if max_prompts and len(prompts) >= max_prompts:
             break
     if not prompts:
-        raise ValueError("no prompts found")
+        raise InputError("no prompts found")
     return prompts
 
 
@@ -367,7 +371,8 @@ def mix(example_lists, weights, seed):
     rng = random.Random(seed)
     out = []
     for examples, w in zip(example_lists, weights):
-        assert w >= 0, f"weights must be >= 0, got {w}"
+        if not w >= 0:
+            raise InputError(f"--data-weights must be >= 0, got {w}")
         count = round(w * len(examples))
         full, rest = divmod(count, len(examples)) if examples else (0, 0)
         out += list(examples) * full + rng.sample(list(examples), rest)
@@ -380,7 +385,8 @@ def split_holdout(examples, frac, seed):
     chosen at random with `seed`; both keep the input order."""
     n = len(examples)
     n_eval = max(1, round(frac * n)) if frac > 0 else 0
-    assert n_eval < n, f"holdout of {n_eval} leaves no training examples out of {n}"
+    if n_eval >= n:
+        raise InputError(f"--eval-frac {frac}: a holdout of {n_eval} leaves no training examples out of {n}")
     held = set(random.Random(seed).sample(range(n), n_eval))
     train = [ex for i, ex in enumerate(examples) if i not in held]
     evals = [ex for i, ex in enumerate(examples) if i in held]
@@ -442,7 +448,9 @@ def step_batches(lengths, batch_size, grad_accum, rank, world, seed, start_step=
     run the same steps). `start_step` skips that many steps, for resuming.
     """
     global_bs = batch_size * grad_accum * world
-    assert len(lengths) >= global_bs, f"{len(lengths)} examples are fewer than one global batch of {global_bs}"
+    if len(lengths) < global_bs:
+        raise InputError(f"{len(lengths)} examples are fewer than one global batch of {global_bs} "
+                         f"(--batch-size x --grad-accum x world size)")
     mine = slice(rank * batch_size * grad_accum, (rank + 1) * batch_size * grad_accum)
     step = 0
     for epoch in itertools.count():

@@ -19,6 +19,8 @@ tokens that are never trained. We select the trained positions first and project
 import torch
 import torch.nn.functional as F
 
+from nanoalign.errors import InputError
+
 
 class _ChunkedTokenLogps(torch.autograd.Function):
     """log_softmax(hidden @ weight.T)[i, targets[i]] without keeping any [chunk, V] logits alive.
@@ -239,7 +241,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     if margin_clamp > 0:
         logits = logits.clamp(-margin_clamp, margin_clamp)
     if loss_type != "sigmoid" and label_smoothing != 0.0:
-        raise ValueError(f"label_smoothing is only defined for loss_type='sigmoid', got {loss_type!r}")
+        raise InputError(f"--label-smoothing is only defined for loss_type='sigmoid', got {loss_type!r}")
     if loss_type == "sigmoid":
         losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
                   - F.logsigmoid(-beta * logits) * label_smoothing)

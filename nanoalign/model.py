@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
+from nanoalign.errors import InputError
+
 SUPPORTED = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads")
@@ -49,18 +51,20 @@ class ModelConfig:
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        assert self.num_attention_heads % self.num_key_value_heads == 0, "heads must be a multiple of kv heads"
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise InputError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
 
     @classmethod
     def from_hf(cls, d: dict, source="config.json") -> "ModelConfig":
         model_type = d.get("model_type")
         if model_type not in SUPPORTED:
-            raise ValueError(f"{source}: unsupported model_type {model_type!r} (nanoalign supports {sorted(SUPPORTED)})")
+            raise InputError(f"{source}: unsupported model_type {model_type!r} (nanoalign supports {sorted(SUPPORTED)})")
         if d.get("use_sliding_window"):
-            raise ValueError(f"{source}: use_sliding_window=true is not supported")
+            raise InputError(f"{source}: use_sliding_window=true is not supported")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}  # transformers 5 / 4 spelling
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"{source}: rope scaling {rope} is not supported")
+            raise InputError(f"{source}: rope scaling {rope} is not supported")
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names and v is not None}
         if "rope_theta" in rope:
@@ -71,7 +75,7 @@ class ModelConfig:
         kw["torch_dtype"] = str(d.get("torch_dtype") or d.get("dtype") or "float32")
         required = [f.name for f in fields(cls) if f.name in REQUIRED and f.name not in kw]
         if required:
-            raise ValueError(f"{source}: missing field(s) {required}")
+            raise InputError(f"{source}: missing field(s) {required}")
         return cls(**kw)
 
     def to_hf(self, architecture=None) -> dict:
@@ -410,13 +414,13 @@ def load_weights(module: nn.Module, tensors: dict, source, dtype, device, option
         if name not in tensors:
             if name in optional:
                 continue
-            raise KeyError(f"{source}: missing tensor {name!r}")
+            raise InputError(f"{source}: missing tensor {name!r}")
         if tensors[name].shape != want.shape:
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+            raise InputError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                              f"config expects {tuple(want.shape)}")
     unexpected = [k for k in tensors if k not in expected and "rotary_emb" not in k and k not in optional]
     if unexpected:
-        raise KeyError(f"{source}: unexpected tensors {unexpected[:5]} (is this the right architecture?)")
+        raise InputError(f"{source}: unexpected tensors {unexpected[:5]} (is this the right architecture?)")
     state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items() if k in expected}
     module.load_state_dict(state, strict=False, assign=True)
 

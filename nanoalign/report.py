@@ -12,6 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from nanoalign.errors import InputError
+
 REPORT_TO = ("none", "tensorboard", "wandb")
 
 
@@ -69,14 +71,14 @@ def open_tracker(report_to, out_dir, config, enabled=True):
     so a missing package is one line before any data is read.
 
     Raises:
-        ValueError: the backend's package is not installed (names the flag and the pip command).
+        InputError: the backend's package is not installed (names the flag and the pip command).
     """
     package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
     if package:
         try:
             __import__(package)
         except ImportError:
-            raise ValueError(f"--report-to {report_to}: the `{package}` package is not installed "
+            raise InputError(f"--report-to {report_to}: the `{package}` package is not installed "
                              f"(pip install {package})") from None
     if report_to == "none" or not enabled:
         return Tracker()

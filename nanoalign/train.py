@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from nanoalign.errors import InputError
+
 
 # -----------------------------------------------------------------------------
 # Distributed
@@ -45,14 +47,14 @@ def setup_distributed(device_name=None) -> Dist:
 
 
 def one_line_errors(*extra_types):
-    """Bad input (our ValueError/KeyError/FileNotFoundError/AssertionError messages name the file, line or field)
-    ends the script with that one line on stderr instead of a traceback. NANOALIGN_TRACEBACK=1 shows tracebacks."""
-    types = (ValueError, KeyError, FileNotFoundError, AssertionError, *extra_types)
+    """Bad input ends the script with one line on stderr instead of a traceback: an InputError (its message names
+    the file, line, field or flag), a missing or unreadable path the user gave, or one of `extra_types`. Anything
+    else is a bug and keeps its traceback. NANOALIGN_TRACEBACK=1 shows tracebacks for everything."""
+    types = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, *extra_types)
 
     def hook(kind, value, tb):
         if issubclass(kind, types) and not os.environ.get("NANOALIGN_TRACEBACK"):
-            message = value.args[0] if kind is KeyError and value.args else value
-            print(f"error: {message}", file=sys.stderr, flush=True)
+            print(f"error: {value}", file=sys.stderr, flush=True)
         else:
             sys.__excepthook__(kind, value, tb)
     sys.excepthook = hook

@@ -13,7 +13,7 @@ from nanoalign import toy
 from nanoalign.chat import load_chat
 from nanoalign.data import pack, read_records, sft_examples, split_holdout
 from nanoalign.model import load_model
-from tests.fixtures import cached_toy_setup, max_weight_diff, read_metrics, read_weights, run_script, write_jsonl
+from tests.fixtures import ROOT, cached_toy_setup, max_weight_diff, read_metrics, read_weights, run_script, write_jsonl
 
 SCRIPT = "train_sft.py"
 FP32 = ("--device", "cpu", "--precision", "fp32")
@@ -199,3 +199,22 @@ def test_fp16_autocast_with_grad_scaler(toy_setup, tmp_path):
     rows = train(toy_setup, toy_setup.sft, tmp_path / "fp16", "--device", "cpu", "--precision", "fp16",
                  "--max-steps", 8, "--lr", 1e-2, "--batch-size", 8, "--eval-frac", 0, "--save-every", 0, *UNPACKED)
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_bad_input_is_one_line_a_bug_keeps_its_traceback(toy_setup, tmp_path):
+    """one_line_errors: an InputError (here a flag combination) is one line on stderr; a KeyError from inside our
+    code (injected into data.sft_examples, as a bug would raise it) is not bad input and keeps its traceback."""
+    import subprocess
+    import sys
+    args = ["--model", str(toy_setup.model), "--data", str(toy_setup.sft), "--out", str(tmp_path / "out"), *FP32]
+    bad = run_script(SCRIPT, *args, "--batch-size", 1000, "--no-pack", check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+        "error: 63 conversations are fewer than one global batch (--batch-size x --grad-accum x world size)"], bad.stderr
+    inject = ("import runpy, sys; import nanoalign.data as data\n"
+              "def buggy(*a, **k): return {}['ids']\n"
+              "data.sft_examples = buggy\n"
+              f"sys.argv = [{SCRIPT!r}] + {args!r}\n"
+              f"runpy.run_path({SCRIPT!r}, run_name='__main__')\n")
+    bug = subprocess.run([sys.executable, "-c", inject], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bug.returncode != 0 and "Traceback" in bug.stderr and "KeyError: 'ids'" in bug.stderr, bug.stderr[-2000:]
+    assert "in buggy" in bug.stderr  # the traceback reaches the line that raised
