@@ -23,7 +23,7 @@ from nanoalign.chat import load_chat
 from nanoalign.data import prompt_records, read_records
 from nanoalign.jsonl import ResumableJsonl, write_jsonl
 from nanoalign.lora import load_merged
-from nanoalign.preferences import best_worst_pair
+from nanoalign.preferences import best_worst_pair, text_similarity
 from nanoalign.reward import RewardServerError, load_reward
 from nanoalign.sampling import generate
 from nanoalign.train import DTYPES, Progress, one_line_errors, rate
@@ -52,6 +52,8 @@ parser.add_argument("--reward-retries", type=int, default=4, help="http reward: 
 parser.add_argument("--reward-timeout", type=float, default=60, help="http reward: seconds per request")
 parser.add_argument("--reward-concurrency", type=int, default=8, help="http reward: requests in flight")
 parser.add_argument("--min-gap", type=float, default=0.0, help="keep a pair only if best - worst score >= this")
+parser.add_argument("--max-similarity", type=float, default=1.0,
+                    help="drop a pair whose chosen and rejected are more alike than this (cosine of word counts; 1 = keep all)")
 parser.add_argument("--drop-empty", action="store_true", help="never use an empty completion in a pair")
 parser.add_argument("--drop-truncated", action="store_true", help="never use a completion cut at --max-new-tokens")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="model dtype for sampling")
@@ -117,6 +119,9 @@ for pid, group in by_prompt.items():
         dropped["prompts_below_gap"] += 1
         continue
     best, worst = pair
+    if text_similarity(best["response"], worst["response"]) > args.max_similarity:
+        dropped["pairs_too_similar"] += 1
+        continue
     pairs.append(dict(prompt_id=pid, prompt=group[0]["prompt"], chosen=best["response"], rejected=worst["response"],
                       score_chosen=best["score"], score_rejected=worst["score"]))
 write_jsonl(out / "pairs.jsonl", pairs)

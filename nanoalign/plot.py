@@ -47,7 +47,7 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_runs(run_dirs, path, labels=None):
+def plot_runs(run_dirs, path, labels=None, dpi=100):
     """Training curves of the runs side by side, one panel per metric group any of them logged; returns path."""
     plt = pyplot()
     runs = [(label, read_metrics(d)) for label, d in zip(labels or [Path(d).name for d in run_dirs], run_dirs)]
@@ -76,12 +76,12 @@ def plot_runs(run_dirs, path, labels=None):
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return Path(path)
 
 
-def plot_winrates(summaries, path):
+def plot_winrates(summaries, path, dpi=100):
     """Win rates with their 95% intervals as a horizontal error-bar chart, 0.5 marked; returns path.
 
     Args:
@@ -104,7 +104,7 @@ def plot_winrates(summaries, path):
     ax.set_xlabel("win rate (ties excluded), 95% Wilson interval")
     ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return Path(path)
 
@@ -116,18 +116,19 @@ def main(argv=None):
     parser.add_argument("--out", default="curves.png", help="PNG of the training curves")
     parser.add_argument("--winrates", nargs="*", default=[], help="eval_winrate.py --out dirs (their summary.json)")
     parser.add_argument("--winrates-out", default="winrates.png")
+    parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (a 5 x 3.4 in panel is 500 x 340 at 100)")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else None
     if labels and len(labels) != len(args.runs):
         parser.error(f"--labels has {len(labels)} names for {len(args.runs)} runs")
     try:
-        print(plot_runs(args.runs, args.out, labels))
+        print(plot_runs(args.runs, args.out, labels, args.dpi))
         if args.winrates:
             summaries = {}
             for d in args.winrates:
                 s = json.loads((Path(d) / "summary.json").read_text())
                 summaries[f"{s['name_a']} vs {s['name_b']}"] = s
-            print(plot_winrates(summaries, args.winrates_out))
+            print(plot_winrates(summaries, args.winrates_out, args.dpi))
     except (ImportError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 
