@@ -12,21 +12,22 @@ Writes <out>/metrics.jsonl, <out>/ckpt-<step>/ (HF model dir + train state to
 --resume from) and <out>/final/ (HF model dir, or a LoRA adapter with --lora).
 """
 import argparse
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from nanoalign.chat import load_chat
-from nanoalign.data import (pack, packed_batch, pad_right, read_records, sft_batches, sft_examples, shard,
-                            split_holdout, step_batches)
+from nanoalign.data import pack, packed_batch, pad_right, sft_batches, shard, split_holdout, step_batches
 from nanoalign.errors import InputError
 from nanoalign.losses import masked_logps, sft_loss
+from nanoalign.tokenized import sft_dataset
 from nanoalign.model import PACKED_ATTENTION, load_model, resolve_model_dir, save_model
 from nanoalign.report import REPORT_TO, open_tracker, write_model_card
-from nanoalign.train import (MetricsLog, Progress, all_reduce_sum, autocast, cleanup_distributed, load_train_state,
-                             lr_at, make_optimizer, make_scaler, maybe_no_sync, one_line_errors, optimizer_step,
-                             print0, rate, resolve_resume, save_train_state, set_lr, setup_distributed, track,
+from nanoalign.train import (MetricsLog, Progress, all_reduce_sum, autocast, choose_precision, cleanup_distributed,
+                             load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync, one_line_errors,
+                             optimizer_step, print0, rate, resolve_resume, save_train_state, set_lr, setup_distributed,
                              wrap_ddp)
 
 # -----------------------------------------------------------------------------
@@ -37,6 +38,9 @@ parser.add_argument("--data", required=True, help="JSONL/JSON/parquet file or di
 parser.add_argument("--data-split", default="train")
 parser.add_argument("--data-config", default=None, help="hub dataset config, e.g. `all` for HuggingFaceTB/smoltalk")
 parser.add_argument("--out", required=True, help="output dir")
+parser.add_argument("--data-cache", default=os.environ.get("NANOALIGN_CACHE", str(Path.home() / ".cache/nanoalign")),
+                    help="dir of tokenised datasets, reused while data, tokenizer and settings are unchanged "
+                         "(default $NANOALIGN_CACHE or ~/.cache/nanoalign; '' = tokenise in memory each run)")
 parser.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens")
 parser.add_argument("--truncation", choices=["drop", "cut"], default="drop", help="what to do with longer ones")
 parser.add_argument("--eval-frac", type=float, default=0.02, help="share of conversations held out for eval loss")
@@ -56,7 +60,8 @@ parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], defa
 parser.add_argument("--warmup-steps", type=int, default=0)
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype")
+parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="autocast dtype (default: bf16 on a CUDA GPU that supports it, else fp32)")
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 parser.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the lm_head + loss")
@@ -74,6 +79,8 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 args = parser.parse_args()
 one_line_errors()
+if not 0 <= args.eval_frac < 1:
+    raise InputError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
 cuda = args.device.startswith("cuda") if args.device else torch.cuda.is_available()
 if args.pack and args.pack_attn != "sdpa" and not cuda:
     parser.error(f"--pack-attn {args.pack_attn} needs CUDA (FlexAttention has no backward on CPU, varlen is "
@@ -82,19 +89,24 @@ if args.pack and args.pack_attn != "sdpa" and not cuda:
 
 d = setup_distributed(args.device)
 tracker = open_tracker(args.report_to, args.out, vars(args), d.is_main)
+args.precision = choose_precision(args.precision, d.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
 model_dir = resolve_model_dir(args.model)
 chat = load_chat(args.tokenizer or model_dir)
 
-# data: render with the assistant mask, hold out an eval split, shard over ranks
-examples, stats = sft_examples(track(read_records(args.data, args.data_split, args.data_config), "tokenise",
-                                     d.is_main), chat, args.max_len, args.truncation)
-print0(f"data: {stats}")
-train_set, eval_set = split_holdout(examples, args.eval_frac, args.seed) if args.eval_frac > 0 else (examples, [])
-eval_set = shard(eval_set, d.rank, d.world) if len(eval_set) >= d.world else []
+# data: rendered with the assistant mask once (local rank 0; cached, the others load it), an eval split held out
+# and sharded over ranks
+dataset = sft_dataset(args.data, args.data_split, args.data_config, chat, args.max_len, args.truncation,
+                      args.data_cache or None, is_builder=d.local_rank == 0,
+                      barrier=torch.distributed.barrier if d.world > 1 else None)
+print0(f"data: {dataset.stats}")
+indices = list(range(len(dataset)))
+train_idx, eval_idx = split_holdout(indices, args.eval_frac, args.seed) if args.eval_frac > 0 else (indices, [])
+eval_idx = shard(eval_idx, d.rank, d.world) if len(eval_idx) >= d.world else []
+train_set, eval_set = dataset.subset(train_idx), dataset.subset(eval_idx)
 # a training unit is a packed row (lists of conversation indices), or one conversation
-lengths = [len(ex["ids"]) for ex in train_set]
+lengths = train_set.lengths
 units = pack(lengths, args.max_len, args.seed) if args.pack else [[i] for i in range(len(train_set))]
 steps_per_epoch = len(units) // (args.batch_size * args.grad_accum * d.world)
 unit_name = "packed rows" if args.pack else "conversations"

@@ -40,6 +40,14 @@ def read_records(source, split="train", config=None):
         ValueError: no files for the split (lists the splits); while iterating: malformed JSON (names file
         and line), a row that is not an object.
     """
+    files, repo = data_files(source, split, config)
+    if any(name.endswith(".parquet") for name in files):
+        _pyarrow_parquet()  # fail now, not after downloading gigabytes
+    return _rows(files, repo)
+
+
+def data_files(source, split="train", config=None):
+    """(files, repo) that read_records reads: local paths (repo None), or paths inside hub dataset `repo`."""
     path, repo = Path(source), None
     if path.is_file():
         if not path.name.endswith(DATA_EXTS):
@@ -54,9 +62,7 @@ def read_records(source, split="train", config=None):
         files = _list_hub_files(repo, split, config)
     else:
         raise FileNotFoundError(f"no such file or directory: {source}")
-    if any(name.endswith(".parquet") for name in files):
-        _pyarrow_parquet()  # fail now, not after downloading gigabytes
-    return _rows(files, repo)
+    return files, repo
 
 
 def _is_hub_id(s):
@@ -226,10 +232,18 @@ def sft_examples(records, chat, max_len, truncation="drop"):
     Raises:
         ValueError: a row without a valid `messages` field (names where), or no usable example at all.
     """
+    stats = {}
+    examples = [{"ids": ids, "mask": mask} for ids, mask in sft_rows(records, chat, max_len, truncation, stats)]
+    return examples, stats
+
+
+def sft_rows(records, chat, max_len, truncation, stats):
+    """Yield the (ids, mask) lists of sft_examples one at a time; fills `stats` (same keys) as it goes and
+    raises its InputError at the end when nothing was kept."""
     if truncation not in ("drop", "cut"):
         raise InputError(f"--truncation must be 'drop' or 'cut', got {truncation!r}")
-    examples, files = [], set()
-    stats = dict(kept=0, dropped_too_long=0, cut=0, dropped_no_assistant_tokens=0)
+    files = set()
+    stats.update(kept=0, dropped_too_long=0, cut=0, dropped_no_assistant_tokens=0)
     for where, row in records:
         files.add(_file(where))
         ids, mask = _named(where, chat.render, _messages(row.get("messages"), "messages", where))
@@ -243,11 +257,10 @@ def sft_examples(records, chat, max_len, truncation="drop"):
             stats["dropped_no_assistant_tokens"] += 1
             continue
         stats["cut"] += was_cut
-        examples.append({"ids": ids, "mask": mask})
-    stats["kept"] = len(examples)
-    if not examples:
+        stats["kept"] += 1
+        yield ids, mask
+    if not stats["kept"]:
         raise InputError(f"no usable examples in {', '.join(sorted(files)) or '(no rows)'} ({stats})")
-    return examples, stats
 
 
 def _response(value, field, where):
@@ -329,12 +342,14 @@ def preference_examples(records, chat, max_len, max_prompt_len):
 # mixing, holding out, sharding
 
 
-def prompt_records(records, max_prompts=None):
+def prompt_records(records, max_prompts=None, check=None):
     """Prompts for sampling: [(prompt_id, messages)] from rows with a `prompt` (string or message list) or
     `messages` (the conversation up to its last user turn, as in UltraFeedback's *_gen splits).
 
     prompt_id is the row's own `prompt_id` when it has one, else a hash of the messages: stable across runs,
-    which is what resuming and the reward cache key on. A prompt seen twice is used once.
+    which is what resuming and the reward cache key on. A prompt seen twice is used once. `check(messages)`, if
+    given, runs on every prompt kept (e.g. reward.prompt_check: can the reward grade it?); its InputError is
+    raised again with the prompt's file:line in front.
     """
     prompts, seen = [], set()
     for where, row in records:
@@ -352,6 +367,8 @@ def prompt_records(records, max_prompts=None):
         if str(key) in seen:
             continue
         seen.add(str(key))
+        if check is not None:
+            _named(where, check, messages)
         prompts.append((str(key), messages))
         if max_prompts and len(prompts) >= max_prompts:
             break
@@ -516,8 +533,8 @@ def packed_batch(examples, rows, pack_len, pad_id):
         for doc, i in enumerate(row):
             n = len(examples[i]["ids"])
             assert at + n <= pack_len, f"row {r} holds more than {pack_len} tokens"
-            ids[r, at:at + n] = torch.as_tensor(examples[i]["ids"])
-            mask[r, at + 1:at + n] = torch.as_tensor(examples[i]["mask"][1:])
+            ids[r, at:at + n] = torch.tensor(examples[i]["ids"])
+            mask[r, at + 1:at + n] = torch.tensor(examples[i]["mask"][1:])
             docs[r, at:at + n] = doc
             at += n
         docs[r, at:] = len(row)

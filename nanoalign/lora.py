@@ -120,7 +120,7 @@ def _check_targets(targets) -> tuple:
         raise InputError("LoRA on lm_head is not supported: small Qwen ties it to the embedding (PITFALLS #3)")
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
-        raise InputError(f"unknown LoRA target(s) {unknown or targets}; valid targets: {list(TARGETS)}")
+        raise InputError(f"unknown LoRA target(s) {unknown or targets}; valid targets: {list(TARGETS)} (--lora-targets)")
     return targets
 
 

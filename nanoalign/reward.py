@@ -47,14 +47,25 @@ def load_reward(spec: str, **kw):
     unknown = set(kw) - {name for b in backends for name in inspect.signature(b).parameters}
     if unknown:
         raise TypeError(f"load_reward: unknown argument(s) {sorted(unknown)}")
-    if spec == "toy":
-        cls, args = RuleReward, ()
-    elif spec == "http" or spec.startswith(("http://", "https://")):
-        cls, args = HttpReward, (NVIDIA_BASE_URL if spec == "http" else spec,)
-    else:
-        cls, args = LocalRewardModel, (spec,)
+    cls, args = _backend(spec)
     taken = inspect.signature(cls).parameters
     return cls(*args, **{k: v for k, v in kw.items() if k in taken})
+
+
+def _backend(spec: str):
+    """The backend class of `spec` and its positional arguments."""
+    if spec == "toy":
+        return RuleReward, ()
+    if spec == "http" or spec.startswith(("http://", "https://")):
+        return HttpReward, (NVIDIA_BASE_URL if spec == "http" else spec,)
+    return LocalRewardModel, (spec,)
+
+
+def prompt_check(spec: str):
+    """What the backend of `spec` needs from a prompt, without loading it: a function(messages) that raises
+    InputError for a prompt whose answers it cannot score, or None (it scores any prompt). Scripts run it on every
+    prompt before sampling, so an ungradable prompt fails at once instead of after a sampled batch."""
+    return getattr(_backend(spec)[0], "check_prompt", None)
 
 
 def _check_batch(prompts, responses, ids):
@@ -64,6 +75,8 @@ def _check_batch(prompts, responses, ids):
 
 class RuleReward:
     """The built-in offline task's rule (nanoalign.toy.reward): 1.0 exact answer, 0.5, 0.1 or 0.0."""
+
+    check_prompt = staticmethod(toy.check_prompt)
 
     def score(self, prompts, responses, ids=None) -> list[float]:
         _check_batch(prompts, responses, ids)

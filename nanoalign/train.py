@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # the list AdamW(fused=True) checks
 from tqdm import tqdm
 
 from nanoalign.errors import InputError
@@ -100,6 +101,20 @@ def cleanup_distributed():
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def default_precision(device: torch.device) -> str:
+    """bf16 on a CUDA GPU that supports it, fp32 otherwise: on a CPU bf16 autocast is emulated and many times slower
+    (an SFT step 25x slower than fp32 on an AVX2 CPU)."""
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def choose_precision(precision: str | None, device: torch.device) -> str:
+    """--precision as the user gave it, or the device's default (printed, so the log says which was used)."""
+    if precision is None:
+        precision = default_precision(device)
+        print0(f"precision: {precision} (the default on {device.type}; --precision to choose)")
+    return precision
+
+
 def autocast(device: torch.device, precision: str):
     """Weights stay fp32 (the master copy AdamW updates); matmuls run in bf16/fp16 under autocast."""
     if precision == "fp32":
@@ -113,13 +128,16 @@ def make_scaler(device, precision):
 
 
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8):
-    """AdamW over trainable params; matrices decay, biases and norm weights do not (the usual GPT recipe)."""
+    """AdamW over trainable params; matrices decay, biases and norm weights do not (the usual GPT recipe).
+
+    Fused (one kernel over all params) wherever torch has the kernel: CUDA and, since torch 2.4, the CPU, for every
+    floating dtype; on a CPU it is ~10x faster than the per-tensor loop. foreach (multi-tensor) otherwise."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    fused = all(p.is_floating_point() and p.device.type in _get_fused_kernels_supported_devices() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=not fused)
 
 
 def lr_at(step, total_steps, lr, warmup_steps=0, schedule="cosine", min_lr_ratio=0.0, step_every=1, gamma=0.5):

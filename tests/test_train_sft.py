@@ -201,9 +201,26 @@ def test_fp16_autocast_with_grad_scaler(toy_setup, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
 
 
+def test_default_precision_on_cpu_is_fp32(toy_setup, tmp_path):
+    """No --precision on a CPU: fp32 (bf16 autocast is emulated there, many times slower), said in the log and
+    recorded with the run's settings in the checkpoint."""
+    out = tmp_path / "default"
+    proc = run_script(SCRIPT, "--model", toy_setup.model, "--data", toy_setup.sft, "--out", out, "--device", "cpu",
+                      "--max-steps", 1, "--batch-size", 1, "--eval-frac", 0, "--save-every", 1)
+    assert "precision: fp32 (the default on cpu" in proc.stdout
+    state = torch.load(out / "ckpt-1" / "train_state_rank0.pt", weights_only=False)
+    assert state["args"]["precision"] == "fp32"
+
+
+def test_eval_frac_error_names_the_flag(toy_setup, tmp_path):
+    proc = run_script(SCRIPT, "--model", toy_setup.model, "--data", toy_setup.sft, "--out", tmp_path / "out", *FP32,
+                      "--eval-frac", 1, check=False)
+    assert proc.returncode == 1 and last_line(proc.stderr) == "error: --eval-frac must be in [0, 1), got 1.0"
+
+
 def test_bad_input_is_one_line_a_bug_keeps_its_traceback(toy_setup, tmp_path):
     """one_line_errors: an InputError (here a flag combination) is one line on stderr; a KeyError from inside our
-    code (injected into data.sft_examples, as a bug would raise it) is not bad input and keeps its traceback."""
+    code (injected into data.sft_rows, as a bug would raise it) is not bad input and keeps its traceback."""
     import subprocess
     import sys
     args = ["--model", str(toy_setup.model), "--data", str(toy_setup.sft), "--out", str(tmp_path / "out"), *FP32]
@@ -212,8 +229,8 @@ def test_bad_input_is_one_line_a_bug_keeps_its_traceback(toy_setup, tmp_path):
         "error: 63 conversations are fewer than one global batch (--batch-size x --grad-accum x world size)"], bad.stderr
     inject = ("import runpy, sys; import nanoalign.data as data\n"
               "def buggy(*a, **k): return {}['ids']\n"
-              "data.sft_examples = buggy\n"
-              f"sys.argv = [{SCRIPT!r}] + {args!r}\n"
+              "data.sft_rows = buggy\n"
+              f"sys.argv = [{SCRIPT!r}] + {args + ['--data-cache', '']!r}\n"  # tokenise now, not from the cache
               f"runpy.run_path({SCRIPT!r}, run_name='__main__')\n")
     bug = subprocess.run([sys.executable, "-c", inject], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bug.returncode != 0 and "Traceback" in bug.stderr and "KeyError: 'ids'" in bug.stderr, bug.stderr[-2000:]
