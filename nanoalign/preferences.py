@@ -26,8 +26,9 @@ def best_worst_pair(samples, min_gap=0.0):
 
 
 def text_similarity(a, b):
-    """Cosine similarity of the two texts' word counts (lowercased \w+ words): 1.0 for the same words in the same
-    numbers, 0.0 for no word in common (or an empty text). Cheap, and enough to spot a near-duplicate pair."""
+    """Cosine similarity of the two texts' word counts (words: lowercased runs of letters, digits and _): 1.0 for
+    the same words in the same numbers, 0.0 for no word in common (or an empty text). Cheap, and enough to spot a
+    near-duplicate pair."""
     ca, cb = (Counter(re.findall(r"\w+", t.lower())) for t in (a, b))
     dot = sum(n * cb[w] for w, n in ca.items())
     norm = math.sqrt(sum(n * n for n in ca.values()) * sum(n * n for n in cb.values()))
