@@ -23,12 +23,12 @@ from nanoalign.data import pack, packed_batch, pad_right, sft_batches, shard, sp
 from nanoalign.errors import InputError
 from nanoalign.losses import masked_logps, sft_loss
 from nanoalign.tokenized import sft_dataset
-from nanoalign.model import PACKED_ATTENTION, load_model, resolve_model_dir, save_model
+from nanoalign.model import PACKED_ATTENTION, CausalLM, load_model, resolve_model_dir, save_model
 from nanoalign.report import REPORT_TO, open_tracker, write_model_card
 from nanoalign.train import (MetricsLog, Progress, all_reduce_sum, autocast, choose_precision, cleanup_distributed,
-                             load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync, one_line_errors,
-                             optimizer_step, print0, rate, resolve_resume, save_train_state, set_lr, setup_distributed,
-                             wrap_ddp)
+                             full_state_dict, load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync,
+                             one_line_errors, optimizer_step, print0, rate, resolve_resume, save_train_state, set_lr,
+                             setup_distributed, wrap_ddp, wrap_fsdp)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,6 +64,9 @@ parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=Non
                     help="autocast dtype (default: bf16 on a CUDA GPU that supports it, else fp32)")
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+parser.add_argument("--fsdp", action="store_true",
+                    help="FSDP2 instead of DDP: parameters, gradients and optimizer state sharded over the ranks "
+                         "(each decoder block; bf16 parameters, fp32 gradient reduction under bf16 on CUDA)")
 parser.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the lm_head + loss")
 parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
 parser.add_argument("--lora-r", type=int, default=16)
@@ -79,6 +82,8 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 args = parser.parse_args()
 one_line_errors()
+if args.fsdp and args.lora:
+    parser.error("--fsdp is for full fine-tuning; LoRA trains few parameters: use DDP (drop --fsdp)")
 if not 0 <= args.eval_frac < 1:
     raise InputError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
 cuda = args.device.startswith("cuda") if args.device else torch.cuda.is_available()
@@ -131,14 +136,21 @@ if args.lora:
 model.gradient_checkpointing = args.grad_ckpt
 model.model.packed_attention = args.pack_attn
 model.train()
+if args.fsdp:  # sharded in place, before the optimizer sees the parameters
+    wrap_fsdp(model, d, args.precision)
 optimizer = make_optimizer(model, args.lr, args.weight_decay)
 scaler = make_scaler(d.device, args.precision)
 step = 0
 if resume_dir:
     step = load_train_state(resume_dir, optimizer, scaler)["step"]
     print0(f"resumed from {resume_dir} at step {step}")
-ddp_model = wrap_ddp(torch.compile(model) if args.compile else model, d)
-lm_head = model.lm_head.weight
+compiled = torch.compile(model) if args.compile else model
+ddp_model = compiled if args.fsdp else wrap_ddp(compiled, d)
+
+
+def lm_head():
+    """Read after the forward: under FSDP the gathered weight is only there between forward and backward."""
+    return model.lm_head.weight
 
 
 def step_micro_batches(start_step):
@@ -162,7 +174,8 @@ def evaluate():
     for ids, mask in sft_batches(eval_set, args.batch_size, chat.pad_id):
         ids, mask = ids.to(d.device), mask.to(d.device)
         with autocast(d.device, args.precision):
-            logps, _ = masked_logps(model(ids, return_hidden=True), lm_head, ids, mask, args.chunk_size)
+            hidden = model(ids, return_hidden=True)
+            logps, _ = masked_logps(hidden, lm_head(), ids, mask, args.chunk_size)
         nll, count = nll - logps.sum().item(), count + logps.numel()
     model.train()
     return all_reduce_sum(nll, d.device) / max(all_reduce_sum(count, d.device), 1)
@@ -170,8 +183,11 @@ def evaluate():
 
 def save(name, final=False):
     ckpt = out / name
+    state = full_state_dict(model) if args.fsdp else None  # a collective: every rank gathers, rank 0 keeps it
     if d.is_main:
-        if args.lora:
+        if args.fsdp:
+            save_model(unsharded_copy(state), ckpt, tokenizer_from=model_dir)
+        elif args.lora:
             from nanoalign.lora import save_adapter
             save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
         else:
@@ -185,6 +201,16 @@ def save(name, final=False):
     if d.world > 1:
         torch.distributed.barrier()
     print0(f"saved {ckpt}")
+
+
+def unsharded_copy(state):
+    """A plain CausalLM holding the gathered FSDP state dict (CPU tensors, no copy)."""
+    with torch.device("meta"):
+        plain = CausalLM(model.config)
+    plain.load_state_dict(state, assign=True)
+    if model.config.tie_word_embeddings:
+        plain.lm_head.weight = plain.model.embed_tokens.weight
+    return plain
 
 
 metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
@@ -203,7 +229,7 @@ while step < total_steps:
         with maybe_no_sync(ddp_model, sync=i == len(micro) - 1), autocast(d.device, args.precision):
             hidden = ddp_model(ids, return_hidden=True, document_ids=docs)
             # DDP averages gradients over ranks; x world turns that average back into the global token mean
-            loss = sft_loss(hidden, lm_head, ids, mask, num_tokens=step_tokens, chunk_size=args.chunk_size) * d.world
+            loss = sft_loss(hidden, lm_head(), ids, mask, num_tokens=step_tokens, chunk_size=args.chunk_size) * d.world
         scaler.scale(loss).backward()
         loss_sum += loss.detach() / d.world  # stays on the device: one sync per step, below
     grad_norm = optimizer_step(model, optimizer, scaler, args.clip)

@@ -90,6 +90,25 @@ def wrap_ddp(model, d: Dist):
     return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, gradient_as_bucket_view=True)
 
 
+def wrap_fsdp(model, d: Dist, precision):
+    """FSDP2: each decoder block, then the whole model, sharded over the ranks (parameters, gradients and
+    optimizer state: 1/world of each per rank). Build the optimizer after this. Under bf16 on CUDA the gathered
+    parameters are bf16 and gradients are reduced in fp32; otherwise fp32 throughout (as the tests on CPU run)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    low = precision == "bf16" and d.device.type == "cuda"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if low else None, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def full_state_dict(model):
+    """The full (unsharded) state dict on CPU of an FSDP model, on rank 0 (empty elsewhere); all ranks call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def cleanup_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -165,6 +184,8 @@ def optimizer_step(model, optimizer, scaler, clip):
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor norm
+        grad_norm = grad_norm.full_tensor()
     scaler.step(optimizer)  # skipped by the scaler when an fp16 gradient overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

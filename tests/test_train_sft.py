@@ -235,3 +235,24 @@ def test_bad_input_is_one_line_a_bug_keeps_its_traceback(toy_setup, tmp_path):
     bug = subprocess.run([sys.executable, "-c", inject], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bug.returncode != 0 and "Traceback" in bug.stderr and "KeyError: 'ids'" in bug.stderr, bug.stderr[-2000:]
     assert "in buggy" in bug.stderr  # the traceback reaches the line that raised
+
+
+def test_fsdp_two_ranks_match_one_process_and_resume(toy_setup, varied_sft, tmp_path):
+    """--fsdp (FSDP2, gloo on CPU): 2 ranks train what 1 process trains (losses, grad norms, saved HF weights);
+    the HF dir is gathered on rank 0; a run resumed from ckpt-2 ends where the uninterrupted one does."""
+    common = ("--max-steps", 3, "--lr", 1e-3, "--eval-frac", 0, "--save-every", 2, "--max-len", 160)
+    one = train(toy_setup, varied_sft, tmp_path / "one", "--batch-size", 12, *common)
+    fsdp = train(toy_setup, varied_sft, tmp_path / "fsdp", "--batch-size", 6, "--fsdp", *common, nproc=2)
+    for r, r_ref in zip(fsdp, one):
+        assert r["loss"] == pytest.approx(r_ref["loss"], abs=1e-5)
+        assert r["grad_norm"] == pytest.approx(r_ref["grad_norm"], rel=1e-4)
+    weights = read_weights(tmp_path / "one" / "final")
+    assert max_weight_diff(weights, read_weights(toy_setup.model)) > 1e-4
+    assert max_weight_diff(read_weights(tmp_path / "fsdp" / "final"), weights) < 1e-5
+    assert load_model(tmp_path / "fsdp" / "final") is not None  # a loadable HF dir, tied embedding and all
+    shutil.copytree(tmp_path / "fsdp" / "ckpt-2", tmp_path / "resumed" / "ckpt-2")
+    resumed = train(toy_setup, varied_sft, tmp_path / "resumed", "--batch-size", 6, "--fsdp", *common,
+                    "--resume", "auto", nproc=2)
+    assert [r["step"] for r in resumed] == [3]
+    assert resumed[0]["loss"] == pytest.approx(fsdp[2]["loss"], abs=1e-6)
+    assert max_weight_diff(read_weights(tmp_path / "resumed" / "final"), read_weights(tmp_path / "fsdp" / "final")) < 1e-6
