@@ -27,6 +27,9 @@ QWEN05 = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hi
               num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
               rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
               hidden_act="silu", bos_token_id=151643, eos_token_id=151643)
+# Qwen2.5-1.5B (config.json of Qwen/Qwen2.5-1.5B)
+QWEN15 = dict(QWEN05, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+              num_key_value_heads=2, max_position_embeddings=131072)
 # Qwen3-0.6B (config.json of Qwen/Qwen3-0.6B; Skywork-Reward-V2-Qwen3-0.6B has the same decoder)
 QWEN3_06 = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,

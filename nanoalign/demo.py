@@ -98,7 +98,7 @@ def main(argv=None):
         "--max-steps", 200, *dpo_args, log=out / "logs/dpo.log")
     sample_args = ["--reward", "toy", "--max-new-tokens", 8, "--precision", "fp32", "--device", "cpu"]
     run("gen_synthetic.py", "--model", sft / "final", "--adapter", dpo / "final", "--prompts",
-        out / "data/gen_prompts.jsonl", "--out", synth, "--n", 4, "--temperature", 1.0, "--top-p", 1.0,
+        out / "data/gen_prompts.jsonl", "--out", synth, "--num-samples", 4, "--temperature", 1.0, "--top-p", 1.0,
         "--min-gap", 0.5, "--drop-empty", *sample_args, log=out / "logs/gen.log")
     run("train_dpo.py", "--model", sft / "final", "--adapter", dpo / "final", "--data", synth / "pairs.jsonl",
         "--out", dpo2, "--max-steps", 100, *dpo_args, log=out / "logs/dpo2.log")

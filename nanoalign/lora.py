@@ -291,7 +291,8 @@ def read_adapter_config(adapter_dir) -> dict:
 def load_adapter(model, path, name=None, trainable=False) -> list:
     """Load a PEFT-format LoRA adapter (ours or PEFT's; a dir or a hub id) into `model` as adapter `name`.
 
-    Like add_lora, every other parameter is frozen; `trainable=False` freezes the new adapter too.
+    Like add_lora, every other parameter is frozen; `trainable=False` freezes the new adapter too and drops its
+    lora_dropout (dropout belongs to training; a frozen adapter is applied as is, in train mode too).
 
     Args:
         name: the adapter's name in the model, "default" if None
@@ -332,7 +333,10 @@ def load_adapter(model, path, name=None, trainable=False) -> list:
                                                                         for k in unexpected) else ""
         raise InputError(f"{weights_file}: unexpected tensors {unexpected[:5]}{hint}")
     name = name or "default"
-    _add_adapter(model, name, module_names, r, config["lora_alpha"], config.get("lora_dropout") or 0.0)
+    # a frozen adapter is part of the model, not something being trained: no dropout, or the train-mode policy
+    # pass would differ from the eval-mode reference pass and round 2 would not start at ln 2
+    dropout = config.get("lora_dropout") or 0.0 if trainable else 0.0
+    _add_adapter(model, name, module_names, r, config["lora_alpha"], dropout)
     with torch.no_grad():
         for n in module_names:
             adapter = model.get_submodule(n).adapters[name]

@@ -49,9 +49,10 @@ def setup_distributed(device_name=None) -> Dist:
 
 def one_line_errors(*extra_types):
     """Bad input ends the script with one line on stderr instead of a traceback: an InputError (its message names
-    the file, line, field or flag), a missing or unreadable path the user gave, or one of `extra_types`. Anything
-    else is a bug and keeps its traceback. NANOALIGN_TRACEBACK=1 shows tracebacks for everything."""
-    types = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, *extra_types)
+    the file, line, field or flag), a missing or unreadable path the user gave, a diverged run (NonFiniteError), or
+    one of `extra_types`. Anything else is a bug and keeps its traceback. NANOALIGN_TRACEBACK=1 shows tracebacks for everything."""
+    types = (InputError, NonFiniteError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+             *extra_types)
 
     def hook(kind, value, tb):
         if issubclass(kind, types) and not os.environ.get("NANOALIGN_TRACEBACK"):
@@ -178,18 +179,55 @@ def beta_at(step, beta, warmup_steps=0):
     return beta * min(1.0, (step + 1) / warmup_steps) if warmup_steps else beta
 
 
-def optimizer_step(model, optimizer, scaler, clip):
+def optimizer_step(model, optimizer, scaler, clip, loss=0.0):
     """Unscale (fp16), clip the trainable params' gradient norm (clip 0: no clipping), step, zero the grads.
-    Returns the norm before clipping."""
+
+    A step whose loss (pass the global one, so that every rank decides alike) or gradient norm is not finite is
+    skipped: its update would put NaN/inf into the weights. Under fp16 an overflowed gradient with a finite loss is
+    the GradScaler's usual skip (it lowers its scale and goes on); that one is not a bad step.
+    Returns (the gradient norm before clipping, whether this was a bad step)."""
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor norm
         grad_norm = grad_norm.full_tensor()
-    scaler.step(optimizer)  # skipped by the scaler when an fp16 gradient overflowed
+    grad_norm = float(grad_norm)
+    bad = not math.isfinite(loss) or not (math.isfinite(grad_norm) or scaler.is_enabled())
+    if not bad:
+        scaler.step(optimizer)  # skipped by the scaler when an fp16 gradient overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+    return grad_norm, bad
+
+
+class NonFiniteError(RuntimeError):
+    """Training diverged (non-finite loss, gradients or weights): one line from one_line_errors, nothing saved."""
+
+
+class DivergenceGuard:
+    """Stops a run after `limit` consecutive bad steps (0: never); a good step resets the count."""
+
+    def __init__(self, limit):
+        self.limit, self.in_a_row = limit, 0
+
+    def update(self, step, bad, loss, grad_norm):
+        self.in_a_row = self.in_a_row + 1 if bad else 0
+        if self.limit and self.in_a_row >= self.limit:
+            raise NonFiniteError(f"step {step}: non-finite loss ({loss:.4g}) or gradient norm ({grad_norm:.4g}) "
+                                 f"for {self.in_a_row} steps in a row (--max-bad-steps {self.limit}): stopped, "
+                                 f"nothing saved; lower --lr or resume from an earlier checkpoint")
+
+
+def check_finite_weights(model, step):
+    """Raise NonFiniteError instead of saving a NaN/inf weight. Every rank calls it (each checks what it holds: all
+    of it under DDP, its shard under FSDP) and the verdict is summed over ranks, so all stop together rather than
+    some waiting at a barrier or a gather."""
+    bad = [n for n, p in model.named_parameters()
+           if p.requires_grad and not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+    if all_reduce_sum(len(bad), next(model.parameters()).device):
+        where = f"{bad[0]}{f' and {len(bad) - 1} more' if bad[1:] else ''}" if bad else "in another rank's shard"
+        raise NonFiniteError(f"step {step}: non-finite weights ({where}): not saved; lower --lr or resume from an "
+                             f"earlier checkpoint")
 
 
 def set_lr(optimizer, lr):
@@ -273,7 +311,14 @@ class MetricsLog:
     def log(self, **row):
         if self.enabled:
             with self.path.open("a") as f:
-                f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}) + "\n")
+                f.write(json.dumps({k: _json_number(v) for k, v in row.items()}, allow_nan=False) + "\n")
+
+
+def _json_number(v):
+    """Floats rounded to 6 places; NaN/inf become null (JSON has no NaN: a NaN token breaks every JSON reader)."""
+    if isinstance(v, float):
+        return round(v, 6) if math.isfinite(v) else None
+    return v
 
 
 # -----------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def test_save_load_round_trip(hf_model_dir, tmp_path):
     assert not any(m.training for m in fresh.modules())  # load_model's eval mode reaches the new dropout
     torch.testing.assert_close(logits(fresh), logits(model.eval()), **EXACT)
     loaded = fresh.model.layers[1].mlp.down_proj.adapters["default"]
-    assert (loaded.r, loaded.alpha, loaded.dropout_p) == (4, 8, 0.05)
+    assert (loaded.r, loaded.alpha, loaded.dropout_p) == (4, 8, 0.0)  # loaded frozen: no dropout
     torch.testing.assert_close(loaded.lora_A.weight, down.lora_A.weight, **EXACT)
     again = load_model(hf_model_dir)
     load_adapter(again, out, name="resumed", trainable=True)
@@ -213,6 +213,25 @@ def test_stacked_rounds(hf_model_dir, tmp_path):
     save_model(merge_lora(merged), tmp_path / "base_plus_r1")
     theirs = peft.PeftModel.from_pretrained(hf_model(tmp_path / "base_plus_r1"), tmp_path / "r2").eval()
     torch.testing.assert_close(logits(theirs), both, **CLOSE)
+
+
+def test_frozen_adapter_has_no_dropout(hf_model_dir, tmp_path):
+    """An adapter trained with lora_dropout 0.1, loaded frozen (a stacked round), applies no dropout even in train
+    mode: the policy pass of round 2 must equal its eval-mode reference pass. Loaded to keep training, it keeps it."""
+    model = load_model(hf_model_dir)
+    add_lora(model, "round1", r=4, alpha=8, dropout=0.1)
+    randomise(model, "round1", seed=4)
+    save_adapter(model, "round1", tmp_path / "r1")
+    assert json.loads((tmp_path / "r1" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    frozen = load_model(hf_model_dir)
+    load_adapter(frozen, tmp_path / "r1", name="round1", trainable=False)
+    expected = logits(frozen.eval())
+    torch.manual_seed(0)
+    torch.testing.assert_close(logits(frozen.train()), expected, **EXACT)
+    resumed = load_model(hf_model_dir)
+    load_adapter(resumed, tmp_path / "r1", name="round1", trainable=True)
+    torch.testing.assert_close(logits(resumed.eval()), expected, **EXACT)
+    assert (logits(resumed.train()) - expected).abs().max() > 1e-3  # dropout on while it trains
 
 
 @pytest.mark.parametrize("tied", [True, False])
