@@ -132,8 +132,8 @@ for source in args.data:
     print0(f"{source}: {stats}")
     sources.append(examples)
 weights = args.data_weights or [1.0] * len(sources)
-data_rows = [(source + (f" (weight {w:g})" if w != 1 else ""), round(w * len(examples)))
-             for source, w, examples in zip(args.data, weights, sources)]  # for the model card
+data_rows = [(source + (f" (weight {w:g})" if w != 1 else ""), len(examples))  # pairs kept, for the model card
+             for source, w, examples in zip(args.data, weights, sources)]
 # held out per source before mixing, so an upsampled source's eval pairs have no copies in train
 train_set, eval_pairs = holdout_and_mix(sources, weights, args.eval_frac, args.seed)
 eval_set = shard(eval_pairs, d.rank, d.world)  # uneven shares: the eval covers every held-out pair
@@ -308,7 +308,8 @@ def card(path, adapter):
     """The model card of final/ (the new adapter) or merged/ (every adapter folded into the base)."""
     below = "".join(f" + {a}" for a in args.adapter)
     write_model_card(path, title=f"{out.name}: LoRA DPO of {args.model}{below}", base=args.model, args=vars(args),
-                     data=[*data_rows, ("(held out for eval)", len(eval_pairs))], metrics=final_metrics,
+                     data=[*data_rows, ("(mixed training pairs)", len(train_set)), ("(held out for eval)", len(eval_pairs))],
+                     metrics=final_metrics,
                      world=d.world, steps=step, adapter=adapter, tags=["dpo", "lora"])
 
 

@@ -111,7 +111,7 @@ def write_model_card(model_dir, *, title, base, data, args, metrics, world=1, st
     key hyperparameters, final metrics, the command that ran, and every argument.
 
     Args:
-        data: [(source, rows used)] per data source.
+        data: [(source, rows)]: rows kept per source, and totals such as the held-out split.
         args: the script's arguments as a dict (vars(args)); KEY_SETTINGS of them go in the table.
         metrics: {name: value} of the last step (and last eval); floats shown to 4 significant digits.
         world, steps: processes and optimizer steps of the run (the global batch follows from world).
@@ -127,7 +127,7 @@ def write_model_card(model_dir, *, title, base, data, args, metrics, world=1, st
              "tags:", *[f"- {t}" for t in ("nanoalign", *tags)], "---", "", f"# {title}", "",
              f"Trained with nanoalign from `{base}`"
              + (" (a LoRA adapter in PEFT layout; load it on top of the base)." if adapter else "."), "",
-             "## Data", "", "| source | rows used |", "| --- | --- |",
+             "## Data", "", "| source | rows |", "| --- | --- |",
              *[f"| {_cell(src)} | {rows:,} |" for src, rows in data], "",
              "## Hyperparameters", "", "| setting | value |", "| --- | --- |",
              *[f"| {k} | {_cell(fmt(v))} |" for k, v in hyperparameters.items()], "",

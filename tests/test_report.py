@@ -109,7 +109,7 @@ def test_dpo_paper_settings_and_cards_of_final_and_merged(toy, tmp_path):
                "--beta-warmup-steps", 4, "--margin-clamp", 20, "--schedule", "step", "--lr-step-every", 0.2,
                "--eval-frac", 0.05, "--merge")
     rows = read_metrics(out)
-    # beta ramps 0.2/4 = 0.05, 0.1, 0.15, 0.2, then stays; 32 + 16 pairs - 2 held out = 46, 11 steps an epoch,
+    # beta ramps 0.2/4 = 0.05, 0.1, 0.15, 0.2, then stays; 30 + 15 training pairs (below), 11 steps an epoch,
     # so the lr halves every round(0.2 * 11) = 2 steps
     assert [r["beta"] for r in rows] == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2])
     assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
@@ -117,7 +117,9 @@ def test_dpo_paper_settings_and_cards_of_final_and_merged(toy, tmp_path):
     for name, library in (("final", "peft"), ("merged", "transformers")):
         card = (out / name / "README.md").read_text().splitlines()
         assert f"library_name: {library}" in card
-        for line in (f"| `{toy.prefs}` | 32 |", f"| `{toy.prefs} (weight 0.5)` | 16 |", "| `(held out for eval)` | 2 |",
+        # both sources hold out the same 2 pairs (same file, same seed): 30 + 0.5 x 30 train, 4 held out
+        for line in (f"| `{toy.prefs}` | 32 |", f"| `{toy.prefs} (weight 0.5)` | 32 |",
+                     "| `(mixed training pairs)` | 45 |", "| `(held out for eval)` | 4 |",
                      "| beta | `0.2` |", "| beta_warmup_steps | `4` |", "| margin_clamp | `20` |",
                      "| schedule | `step` |", "| lora_r | `8` |", "| steps | `5` |"):
             assert line in card, (name, line)
