@@ -308,9 +308,9 @@ def card(path, adapter):
     """The model card of final/ (the new adapter) or merged/ (every adapter folded into the base)."""
     below = "".join(f" + {a}" for a in args.adapter)
     write_model_card(path, title=f"{out.name}: LoRA DPO of {args.model}{below}", base=args.model, args=vars(args),
-                     data=[*data_rows, ("(mixed training pairs)", len(train_set)), ("(held out for eval)", len(eval_pairs))],
-                     metrics=final_metrics,
-                     world=d.world, steps=step, adapter=adapter, tags=["dpo", "lora"])
+                     data=[*data_rows, ("(mixed training pairs)", len(train_set)),
+                           ("(held out for eval)", len(eval_pairs))],
+                     metrics=final_metrics, world=d.world, steps=step, adapter=adapter, tags=["dpo", "lora"])
 
 
 def save(name, final=False):
