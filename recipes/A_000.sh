@@ -9,7 +9,7 @@ LORA=(--lora-r 8 --lora-alpha 16 --lora-dropout 0.05 --beta 0.1 --lr 1e-6 --sche
       --lr-step-gamma 0.5 --epochs 3 --batch-size 2 --grad-accum 8 --max-len 1280 --max-prompt-len 256
       --eval-every 500 --precision fp16 --grad-ckpt)
 dpo --model "$OUT/sft/final" --data "$PREFS" --data-split train_prefs --out "$OUT/dpo" "${LORA[@]}"
-SAMPLE=(--prompts "$GEN_PROMPTS" --prompts-split train_gen --max-prompts 400 --n 2 --temperature 0.7 --top-p 0.95)
+SAMPLE=(--prompts "$GEN_PROMPTS" --prompts-split train_gen --max-prompts 400 --num-samples 2 --temperature 0.7 --top-p 0.95)
 synth --model "$OUT/sft/final" --adapter "$OUT/dpo/final" --out "$OUT/synth1" "${SAMPLE[@]}"
 dpo --model "$OUT/sft/final" --adapter "$OUT/dpo/final" --data "$OUT/synth1/pairs.jsonl" --out "$OUT/ext1" "${LORA[@]}"
 synth --model "$OUT/sft/final" --adapter "$OUT/dpo/final" --adapter "$OUT/ext1/final" --out "$OUT/synth2" "${SAMPLE[@]}"

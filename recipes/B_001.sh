@@ -6,7 +6,7 @@ source "$(dirname "$0")/common.sh"
 GPUS=1
 sft --model "$BASE" --data "$SFT_DATA" --data-config all --out "$OUT/sft"
 dpo --model "$OUT/sft/final" --data "$PREFS" --data-split train_prefs --out "$OUT/dpo_uf"
-synth --model "$BASE" --prompts "$GEN_PROMPTS" --prompts-split train_gen --max-prompts 5000 --n 2 --temperature 0.7 \
+synth --model "$BASE" --prompts "$GEN_PROMPTS" --prompts-split train_gen --max-prompts 5000 --num-samples 2 --temperature 0.7 \
     --top-k 50 --top-p 1.0 --min-gap 0.5 --out "$OUT/synth"
 dpo --model "$OUT/sft/final" --data "$OUT/synth/pairs.jsonl" --out "$OUT/dpo_syn"
 for run in dpo_uf dpo_syn; do

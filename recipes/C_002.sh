@@ -12,7 +12,7 @@ DPO=(--beta 0.2 --lr 2e-5 --schedule linear --epochs 3 --batch-size 6 --max-len 
 dpo --model "$BASE" --adapter "$OUT/sft/final" --data "$PREFS" --data-split train_prefs --data-weights 0.25 \
     --out "$OUT/dpo" "${DPO[@]}"
 synth --model "$BASE" --adapter "$OUT/sft/final" --prompts "$GEN_PROMPTS" --prompts-split train_gen --max-prompts 15000 \
-    --n 4 --min-gap 1.0 --out "$OUT/synth"
+    --num-samples 4 --min-gap 1.0 --out "$OUT/synth"
 dpo --model "$BASE" --adapter "$OUT/sft/final" --data "$OUT/synth/pairs.jsonl" --data "$PREFS" --data-split train_prefs \
     --data-weights 1,0.25 --out "$OUT/dpo_syn" "${DPO[@]}"
 for run in dpo dpo_syn; do

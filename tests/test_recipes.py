@@ -75,7 +75,8 @@ def test_every_recipe_runs_in_smoke_mode(tmp_path):
     synth = tmp_path / "E_004/synth"
     samples = [json.loads(line) for line in (synth / "samples.jsonl").read_text().splitlines()]
     run_script("gen_synthetic.py", "--model", "unused", "--prompts", tmp_path / "E_004/smoke/data/gen_prompts.jsonl",
-               "--max-prompts", 8, "--n", 4, "--min-gap", 0, "--reward", "toy", "--max-similarity", 0.0, "--out", synth)
+               "--max-prompts", 8, "--num-samples", 4, "--min-gap", 0, "--keep-truncated", "--reward", "toy",
+               "--max-similarity", 0.0, "--out", synth)
     summary = json.loads((synth / "summary.json").read_text())
     by_prompt = {}
     for s in samples:
