@@ -28,8 +28,8 @@ build_assets(Path(sys.argv[1]), n_sft=64, n_pairs=48, n_gen=8, n_eval=8, high=9)
     DPO_SMOKE=(--max-prompt-len 96)
     EVAL_SMOKE=(--max-prompts 4 --max-new-tokens 8 --batch-size 4 --precision fp32 --device cpu)
     # a model trained 2 steps answers at random: hot sampling, 4 samples and any gap still make a few pairs
-    SYNTH_SMOKE=("${EVAL_SMOKE[@]}" --max-prompts 8 --num-samples 4 --temperature 1.0 --top-p 1.0 --top-k 0 --min-gap 0
-                 --keep-truncated)  # 8 new tokens cut nearly every answer
+    SYNTH_SMOKE=("${EVAL_SMOKE[@]}" --max-prompts 8 --num-samples 4 --max-new-tokens 32 --temperature 1.0 --top-p 1.0
+                 --top-k 0 --min-gap 0 --keep-truncated)  # short answers are cut: keep them
     export OMP_NUM_THREADS=1  # tiny models: thread start-up costs more than the matmuls
     launch() { "$PYTHON" "$ROOT/$1" "${@:2}"; }
 else
