@@ -13,7 +13,9 @@ reward. Reported: win rate = wins / (wins + losses), ties counted but excluded; 
 mean reward of each side; the margin-weighted win rate. Writes <out>/per_prompt.jsonl (appended as it goes, one part
 file per rank merged by rank 0 in prompt order: a restarted run, on any number of GPUs, skips prompts already judged)
 and <out>/summary.json. A prompt's answers depend only on (--seed, prompt_id), both sides drawing the same random
-numbers.
+numbers. Both answers to a prompt are scored in one reward call, so an answer both sides gave is an exact tie; a
+prompt whose answer the reward endpoint refuses (HTTP 400/413/422) is judged "skipped" and counted apart. Values
+with nothing to average are null in summary.json.
 """
 import argparse
 import json
@@ -27,10 +29,10 @@ from nanoalign.completions import HttpPolicy, PolicyServerError
 from nanoalign.data import prompt_records, read_records
 from nanoalign.engine import generate
 from nanoalign.errors import InputError
-from nanoalign.jsonl import ShardedJsonl
+from nanoalign.jsonl import ShardedJsonl, write_json
 from nanoalign.lora import load_merged
 from nanoalign.preferences import win_rate
-from nanoalign.reward import RewardServerError, load_reward, prompt_check
+from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
 from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, one_line_errors, print0, rate,
                              setup_distributed)
 
@@ -62,20 +64,16 @@ parser.add_argument("--policy-url-b", default=None, help="the same for B (--mode
 parser.add_argument("--policy-concurrency", type=int, default=32, help="--policy-url-*: requests in flight")
 parser.add_argument("--policy-retries", type=int, default=4, help="--policy-url-*: retries of a failed request")
 parser.add_argument("--policy-timeout", type=float, default=600, help="--policy-url-*: seconds per request")
-parser.add_argument("--reward", default="Skywork/Skywork-Reward-V2-Qwen3-0.6B", help="`toy`, an http(s) URL, or a reward model")
-parser.add_argument("--reward-model", default="nvidia/llama-3.1-nemotron-70b-reward")
-parser.add_argument("--reward-batch-size", type=int, default=8)
-parser.add_argument("--reward-retries", type=int, default=4, help="http reward: retries of a failed request (5xx, 429, timeout)")
-parser.add_argument("--reward-timeout", type=float, default=60, help="http reward: seconds per request")
-parser.add_argument("--reward-concurrency", type=int, default=8, help="http reward: requests in flight")
+add_reward_args(parser)
 parser.add_argument("--tie-eps", type=float, default=0.0, help="|score A - score B| <= this is a tie")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
-                    help="dtype of the policies and a local reward model (default: bf16 on a GPU with bf16, else fp32)")
+                    help="dtype of the policies, and of a local reward model unless --reward-dtype "
+                         "(default: bf16 on a GPU with bf16, else fp32)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
-one_line_errors(RewardServerError, PolicyServerError)
+one_line_errors(RewardServerError, PolicyServerError, RewardError)
 if (args.model_b is None) == (args.responses_b is None):
     raise InputError("give exactly one of --model-b and --responses-b")
 if not (args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
@@ -124,9 +122,12 @@ if todo:
         return load_merged(model, adapters, dtype=dtype, device=device)
     model_a = policy(args.model_a, args.adapter_a, args.policy_url_a)
     model_b = policy(args.model_b, args.adapter_b, args.policy_url_b) if args.model_b else None
-    reward = load_reward(args.reward, device=device, dtype=dtype, batch_size=args.reward_batch_size,
-                         model=args.reward_model, cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
-                         timeout=args.reward_timeout, concurrency=args.reward_concurrency)
+    reward = reward_from_args(args, device, out / "reward_cache.jsonl", dtype)
+
+    def verdict(score_a, score_b):
+        if score_a is None or score_b is None:  # an item the reward endpoint refused (see summary's skipped)
+            return "skipped"
+        return "a" if score_a - score_b > args.tie_eps else "b" if score_b - score_a > args.tie_eps else "tie"
 
     def answer(model, prompt_ids, ids):
         if isinstance(model, HttpPolicy):
@@ -151,11 +152,12 @@ if todo:
         else:
             texts_b = [stored[pid] for pid in ids]
         t1 = time.time()
-        scores_a = reward.score(conversations, texts_a, ids=[f"{pid}:a" for pid in ids])
-        scores_b = reward.score(conversations, texts_b, ids=[f"{pid}:b" for pid in ids])
+        # both sides in one call: an answer both models gave is scored once, an exact tie
+        scores = reward.score(conversations * 2, texts_a + texts_b, ids=ids * 2)
         judged.append([dict(prompt_id=pid, prompt=m, response_a=ta, response_b=tb, score_a=sa, score_b=sb,
-                            winner="a" if sa - sb > args.tie_eps else "b" if sb - sa > args.tie_eps else "tie")
-                       for pid, m, ta, tb, sa, sb in zip(ids, conversations, texts_a, texts_b, scores_a, scores_b)])
+                            winner=verdict(sa, sb))
+                       for pid, m, ta, tb, sa, sb in zip(ids, conversations, texts_a, texts_b, scores[:len(chunk)],
+                                                         scores[len(chunk):])])
         progress.update(len(chunk), rate(new_tokens, t1 - t0, "new tok"),
                         rate(2 * len(chunk), time.time() - t1, "scores"))
     progress.close()
@@ -166,12 +168,17 @@ cleanup_distributed()
 if rows is None:  # rank > 0: rank 0 merges and writes the summary
     raise SystemExit(0)
 rows = [row for row in rows if row["prompt_id"] in order]
+scored = [r for r in rows if r["winner"] != "skipped"]
 summary = dict(name_a=args.name_a, name_b=args.name_b, reward=args.reward, interval="wilson",
-               **win_rate([r["score_a"] for r in rows], [r["score_b"] for r in rows], args.tie_eps),
+               **win_rate([r["score_a"] for r in scored], [r["score_b"] for r in scored], args.tie_eps),
+               skipped=len(rows) - len(scored),
                sampling=dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                              max_new_tokens=args.max_new_tokens, seed=args.seed))
-(out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+write_json(out / "summary.json", summary)
 low, high = summary["ci95"]
-print(f"{args.name_a} vs {args.name_b}: win rate {summary['win_rate']:.3f} [{low:.3f}, {high:.3f}] "
-      f"({summary['wins']}W/{summary['losses']}L/{summary['ties']}T of {summary['n']}); "
-      f"mean reward {summary['mean_reward_a']:.3f} vs {summary['mean_reward_b']:.3f}")
+rate, mean_a, mean_b = (f"{summary[k]:.3f}" if summary[k] is not None else "n/a"
+                        for k in ("win_rate", "mean_reward_a", "mean_reward_b"))
+skipped = f", {summary['skipped']} skipped (refused by the reward endpoint)" if summary["skipped"] else ""
+print(f"{args.name_a} vs {args.name_b}: win rate {rate} [{low:.3f}, {high:.3f}] "
+      f"({summary['wins']}W/{summary['losses']}L/{summary['ties']}T of {summary['n']}{skipped}); "
+      f"mean reward {mean_a} vs {mean_b}")

@@ -14,6 +14,8 @@ rejected, scores, whether each answer finished: train_dpo.py reads it) and <out>
 with the same arguments (on any number of GPUs), it skips the prompts already done; a failing reward endpoint stops
 it after its retries with everything so far on disk. Sample k of a prompt depends only on (--seed, prompt_id, k), so
 the files are the same whatever the number of ranks, the --batch-size or the point where a run was resumed.
+A sample the reward endpoint refuses (HTTP 400/413/422, e.g. too long) keeps score null, is in no pair, and is
+counted as `skipped` in summary.json.
 Keep generation prompts apart from eval prompts (UltraFeedback: train_gen here, test_gen in eval_winrate.py).
 """
 import argparse
@@ -29,10 +31,10 @@ from nanoalign.completions import HttpPolicy, PolicyServerError
 from nanoalign.data import prompt_records, read_records
 from nanoalign.engine import Engine
 from nanoalign.errors import InputError
-from nanoalign.jsonl import ShardedJsonl, write_jsonl
+from nanoalign.jsonl import ShardedJsonl, write_json, write_jsonl
 from nanoalign.lora import load_merged
 from nanoalign.preferences import best_worst_pair, text_similarity
-from nanoalign.reward import RewardServerError, load_reward, prompt_check
+from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
 from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, one_line_errors, print0, rate,
                              setup_distributed)
 
@@ -61,13 +63,7 @@ parser.add_argument("--policy-model", default=None, help="model name at --policy
 parser.add_argument("--policy-concurrency", type=int, default=32, help="--policy-url: requests in flight")
 parser.add_argument("--policy-retries", type=int, default=4, help="--policy-url: retries of a failed request")
 parser.add_argument("--policy-timeout", type=float, default=600, help="--policy-url: seconds per request")
-parser.add_argument("--reward", default="Skywork/Skywork-Reward-V2-Qwen3-0.6B",
-                    help="`toy` (rule-based), an http(s) URL (OpenAI-compatible endpoint), or a reward model dir / hub id")
-parser.add_argument("--reward-model", default="nvidia/llama-3.1-nemotron-70b-reward", help="model name at the endpoint")
-parser.add_argument("--reward-batch-size", type=int, default=8)
-parser.add_argument("--reward-retries", type=int, default=4, help="http reward: retries of a failed request (5xx, 429, timeout)")
-parser.add_argument("--reward-timeout", type=float, default=60, help="http reward: seconds per request")
-parser.add_argument("--reward-concurrency", type=int, default=8, help="http reward: requests in flight")
+add_reward_args(parser)
 parser.add_argument("--min-gap", type=float, default=0.0, help="keep a pair only if best - worst score >= this")
 parser.add_argument("--max-similarity", type=float, default=1.0,
                     help="drop a pair whose chosen and rejected are more alike than this (cosine of word counts; 1 = keep all)")
@@ -77,12 +73,13 @@ parser.add_argument("--drop-truncated", action="store_true", default=True,
 parser.add_argument("--keep-truncated", dest="drop_truncated", action="store_false",
                     help="use cut completions too (pairs.jsonl marks them *_finished=false: trained without <|im_end|>)")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
-                    help="dtype of the policies and a local reward model (default: bf16 on a GPU with bf16, else fp32)")
+                    help="dtype of the policies, and of a local reward model unless --reward-dtype "
+                         "(default: bf16 on a GPU with bf16, else fp32)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
-one_line_errors(RewardServerError, PolicyServerError)
+one_line_errors(RewardServerError, PolicyServerError, RewardError)
 if not (args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
     raise InputError(f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1, got {args.temperature}, "
                      f"{args.top_k}, {args.top_p}")
@@ -160,9 +157,7 @@ def score_and_write(ready):
 if todo:
     dtype = DTYPES[args.precision]
     chat = load_chat(args.tokenizer or args.model)
-    reward = load_reward(args.reward, device=device, dtype=dtype, batch_size=args.reward_batch_size,
-                         model=args.reward_model, cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
-                         timeout=args.reward_timeout, concurrency=args.reward_concurrency)
+    reward = reward_from_args(args, device, out / "reward_cache.jsonl", dtype)
     prompt_ids = [chat.render_prompt(messages)[-args.max_prompt_len:] for _, messages in todo]
     progress = Progress(len(todo), "prompts", enabled=d.is_main, unit="prompts")
     sampled_at = time.time()  # the prompts of each score_and_write were sampled since then
@@ -188,7 +183,7 @@ for row in rows:
     by_prompt[row["prompt_id"]].append(row)
 pairs, dropped = [], defaultdict(int)
 for pid, group in by_prompt.items():
-    usable = [s for s in group if not (args.drop_empty and not s["response"].strip())
+    usable = [s for s in group if s["score"] is not None and not (args.drop_empty and not s["response"].strip())
               and not (args.drop_truncated and not s["finished"])]
     dropped["unusable_samples"] += len(group) - len(usable)
     pair = best_worst_pair(usable, args.min_gap)
@@ -203,9 +198,9 @@ for pid, group in by_prompt.items():
                       score_chosen=best["score"], score_rejected=worst["score"],
                       chosen_finished=best["finished"], rejected_finished=worst["finished"]))
 write_jsonl(out / "pairs.jsonl", pairs)
-scores = [s["score"] for s in rows]
+scores = [s["score"] for s in rows if s["score"] is not None]  # None: refused by the reward endpoint
 summary = dict(prompts=len(by_prompt), samples=len(rows), pairs=len(pairs), **dropped,
-               mean_score=sum(scores) / max(len(scores), 1),
+               skipped=len(rows) - len(scores), mean_score=sum(scores) / len(scores) if scores else None,
                truncated=sum(not s["finished"] for s in rows), empty=sum(not s["response"].strip() for s in rows))
-(out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+write_json(out / "summary.json", summary)
 print(json.dumps(summary))

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from nanoalign.chat import load_chat
-from nanoalign.data import holdout_and_mix, preference_batch, preference_examples, read_records, shard, step_batches
+from nanoalign.data import (holdout_and_mix, packed_preference_batch, preference_batch, preference_examples,
+                            read_records, shard, step_batches)
 from nanoalign.errors import InputError
 from nanoalign.lora import adapters_disabled, add_lora, describe, load_adapter, load_merged, save_adapter
 from nanoalign.losses import dpo_loss, dpo_metrics, sequence_logps
@@ -91,6 +92,9 @@ parser.add_argument("--base-dtype", choices=["auto", "fp32", "bf16"], default="a
                     help="dtype of the frozen base (auto: bf16 under bf16 autocast; adapters always train in fp32)")
 parser.add_argument("--grad-ckpt", action="store_true")
 parser.add_argument("--compile", action="store_true")
+parser.add_argument("--pack", action="store_true",
+                    help="pack the chosen and rejected sequences of a micro-batch into rows of --max-len (each "
+                         "attending only to itself): no padding but each row's end, the same log-probs")
 parser.add_argument("--chunk-size", type=int, default=1024)
 parser.add_argument("--eval-every", type=int, default=100)
 parser.add_argument("--save-every", type=int, default=500)
@@ -166,17 +170,35 @@ lm_head = model.lm_head.weight
 
 
 @torch.no_grad()
-def reference_logps(ids, mask):
+def batch_tensors(batch):
+    """(ids, mask, packing) of a list of pairs on the device: preference_batch's padded [2b, t] rows, or with
+    --pack the 2b sequences packed into rows (packing = (document_ids, sequence_ids), else None)."""
+    if args.pack:
+        ids, mask, docs, seqs = (t.to(d.device) for t in packed_preference_batch(batch, args.max_len, chat.pad_id))
+        return ids, mask, (docs, seqs)
+    ids, mask = (t.to(d.device) for t in preference_batch(batch, chat.pad_id))
+    return ids, mask, None
+
+
+def batch_logps(forward, weight, ids, mask, packing):
+    """Summed response log-probs of the 2b sequences (chosen rows, then rejected rows): [2b]."""
+    if packing is None:
+        return sequence_logps(forward(ids, return_hidden=True), weight, ids, mask, args.chunk_size)
+    docs, seqs = packing
+    return sequence_logps(forward(ids, return_hidden=True, document_ids=docs), weight, ids, mask, args.chunk_size,
+                          sequence_ids=seqs, num_sequences=int(seqs.max()) + 1)
+
+
+def reference_logps(ids, mask, packing=None):
     """Summed response log-probs under the reference: eval mode, no grad, new adapter off (PITFALLS #4, #9)."""
     was_training = model.training
     model.eval()
     with autocast(d.device, args.precision):
         if ref_model is not None:
-            out_logps = sequence_logps(ref_model(ids, return_hidden=True), ref_model.lm_head.weight, ids, mask,
-                                       args.chunk_size)
+            out_logps = batch_logps(ref_model, ref_model.lm_head.weight, ids, mask, packing)
         else:
             with adapters_disabled(model, ["default"]):
-                out_logps = sequence_logps(model(ids, return_hidden=True), lm_head, ids, mask, args.chunk_size)
+                out_logps = batch_logps(model, lm_head, ids, mask, packing)
     model.train(was_training)
     return out_logps.float()
 
@@ -233,8 +255,7 @@ def precompute_reference(examples, path, save_every_s=600):
     progress = Progress(len(mine), "reference", d.is_main, unit="pairs")
     for i in range(0, len(mine), args.batch_size * 2):
         batch = mine[i:i + args.batch_size * 2]
-        ids, mask = (t.to(d.device) for t in preference_batch(batch, chat.pad_id))
-        ref = reference_logps(ids, mask).tolist()  # [2b]: chosen rows, then rejected rows
+        ref = reference_logps(*batch_tensors(batch)).tolist()  # [2b]: chosen rows, then rejected rows
         for j, ex in enumerate(batch):
             fresh[pair_key(ex)] = (ref[j], ref[len(batch) + j])
         tokens += sum(len(ex["prompt"]) * 2 + len(ex["chosen"]) + len(ex["rejected"]) for ex in batch)
@@ -260,14 +281,14 @@ def precompute_reference(examples, path, save_every_s=600):
 METRICS = list(dpo_metrics(*torch.zeros(5, 1)))  # the logged names, in order
 
 
-def dpo_forward(forward, ids, mask, batch, beta):
-    """One forward for chosen and rejected together ([2b, t]), then the DPO loss per pair."""
-    b = ids.shape[0] // 2
-    policy = sequence_logps(forward(ids, return_hidden=True), lm_head, ids, mask, args.chunk_size)  # [2b]
+def dpo_forward(forward, ids, mask, batch, beta, packing=None):
+    """One forward for chosen and rejected together ([2b, t], or packed rows), then the DPO loss per pair."""
+    b = len(batch)
+    policy = batch_logps(forward, lm_head, ids, mask, packing)  # [2b]
     if ref_cache is not None:
         ref = torch.tensor([ref_cache[pair_key(ex)] for ex in batch], device=ids.device).T.reshape(-1)
     else:
-        ref = reference_logps(ids, mask)
+        ref = reference_logps(ids, mask, packing)
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta,
                                                         args.loss_type, args.label_smoothing, args.margin_clamp)
     return policy, losses, chosen_rewards, rejected_rewards
@@ -293,9 +314,9 @@ def evaluate(beta):
     sums = torch.zeros(len(METRICS), dtype=torch.float64, device=d.device)
     for i in range(0, len(eval_set), args.batch_size):
         batch = eval_set[i:i + args.batch_size]
-        ids, mask = (t.to(d.device) for t in preference_batch(batch, chat.pad_id))
+        ids, mask, packing = batch_tensors(batch)
         with autocast(d.device, args.precision):
-            policy, losses, cr, rr = dpo_forward(model, ids, mask, batch, beta)
+            policy, losses, cr, rr = dpo_forward(model, ids, mask, batch, beta, packing)
         m = dpo_metrics(losses, cr, rr, policy[:len(batch)], policy[len(batch):])
         sums += torch.stack([v.double() for v in m.values()]) * len(batch)
     model.train()
@@ -346,10 +367,10 @@ while step < total_steps:
     sums, tokens = None, 0
     for i, idx in enumerate(micro):
         batch = [train_set[j] for j in idx]
-        ids, mask = (t.to(d.device) for t in preference_batch(batch, chat.pad_id))
+        ids, mask, packing = batch_tensors(batch)
         tokens += ids.numel()
         with maybe_no_sync(ddp_model, sync=i == len(micro) - 1), autocast(d.device, args.precision):
-            policy, losses, cr, rr = dpo_forward(ddp_model, ids, mask, batch, beta)
+            policy, losses, cr, rr = dpo_forward(ddp_model, ids, mask, batch, beta, packing)
             # mean over the pairs of the global batch; x world undoes DDP's gradient averaging
             loss = losses.sum() / global_pairs * d.world
             if args.sft_weight:

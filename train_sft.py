@@ -28,7 +28,8 @@ from nanoalign.report import REPORT_TO, open_tracker, write_model_card
 from nanoalign.train import (DivergenceGuard, MetricsLog, Progress, all_reduce_sum, autocast, check_finite_weights,
                              choose_precision, cleanup_distributed, full_state_dict, load_train_state, lr_at,
                              make_optimizer, make_scaler, maybe_no_sync, one_line_errors, optimizer_step, print0, rate,
-                             resolve_resume, save_train_state, set_lr, setup_distributed, wrap_ddp, wrap_fsdp)
+                             require_torch, resolve_resume, save_train_state, set_lr, setup_distributed, wrap_ddp,
+                             wrap_fsdp)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,6 +88,10 @@ args = parser.parse_args()
 one_line_errors()
 if args.fsdp and args.lora:
     parser.error("--fsdp is for full fine-tuning; LoRA trains few parameters: use DDP (drop --fsdp)")
+if args.fsdp:
+    require_torch("--fsdp")
+if args.pack and args.pack_attn == "varlen":
+    require_torch("--pack-attn varlen")
 if not 0 <= args.eval_frac < 1:
     raise InputError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
 cuda = args.device.startswith("cuda") if args.device else torch.cuda.is_available()

@@ -9,16 +9,15 @@ Each sample is one request with n = 1: `prompt` is the token ids the local engin
 ours, not the server's), `seed` a hash of (seed, prompt_id, k), so sample k of a prompt is the server's same draw
 on every run (vLLM honours per-request seeds), and `stop_token_ids` ends it on both Qwen stop ids. Answers are
 appended to a JSONL cache as they arrive and read back at start: a killed run asks only what is missing.
-The transport (deadline, retries, concurrency, key handling) is HttpReward's (nanoalign/reward.py); both are to
-move onto the shared client core of nanoalign/endpoint.py (issue #11) when it lands.
+The transport (total deadline per request, retries, concurrency, prompt Ctrl-C, key handling) is
+nanoalign.endpoint.Endpoint, shared with the reward client.
 """
 import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import threading
 
-from nanoalign.reward import HttpReward, RewardServerError
+from nanoalign.endpoint import Endpoint, EndpointError
 from nanoalign.sampling import stream_key
 
 
@@ -39,15 +38,13 @@ def parse_completion(body: bytes) -> tuple[str, int, bool]:
 
 
 class HttpPolicy:
-    """See the module docstring. timeout/retries/backoff/concurrency/api_key_env as in HttpReward."""
+    """See the module docstring. timeout/retries/backoff/concurrency/api_key_env as in endpoint.Endpoint."""
 
     def __init__(self, base_url, model, stop_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, seed=0,
                  api_key_env="OPENAI_API_KEY", timeout=600, retries=4, backoff=1.0, concurrency=32,
                  cache_path=None):
-        self.transport = HttpReward(base_url, model=model, api_key_env=api_key_env, timeout=timeout,
-                                    retries=retries, backoff=backoff)
-        self.transport.url = base_url.rstrip("/") + "/completions"
-        self.transport.where = self.transport.where.removesuffix("/chat/completions") + "/completions"
+        self.transport = Endpoint(base_url.rstrip("/") + "/completions", api_key_env, timeout, retries, backoff,
+                                  concurrency, what="policy server")
         self.settings = dict(model=model, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              stop_token_ids=list(stop_ids), n=1, skip_special_tokens=True)
         if top_k:
@@ -72,24 +69,14 @@ class HttpPolicy:
         payloads = [self.payload(p, key) for p, key in requests]
         shas = [hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest() for p in payloads]
         todo = {sha: p for sha, p in zip(shas, payloads) if sha not in self.cache}
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = [pool.submit(self._ask, sha, p) for sha, p in todo.items()]
-            try:
-                for f in futures:
-                    f.result()
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+        self.transport.map(lambda item: self._ask(*item), todo.items())
         return [self.cache[sha] for sha in shas]
 
     def _ask(self, sha, payload):
         try:
-            answer = parse_completion(self.transport._post(json.dumps(payload).encode()))
-        except (RewardServerError, ValueError) as e:
-            message = str(e).replace("reward server", "policy server")
-            raise PolicyServerError(message if message.startswith("policy server") else
-                                    f"policy server {self.transport.where}: {message}") from None
+            answer = self.transport.post(payload, parse_completion)
+        except EndpointError as e:
+            raise PolicyServerError(str(e)) from None
         with self._lock:
             self.cache[sha] = answer
             if self.cache_path:

@@ -23,6 +23,16 @@ def write_jsonl(path, rows):
     return path
 
 
+def write_json(path, obj):
+    """Write obj as indented JSON, atomically; NaN or inf anywhere is an error (it is not JSON)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def read_jsonl(path, torn_ok=False):
     """All rows of a JSONL file; a malformed line is an error naming file and line. torn_ok: a last line without
     its newline (a writer killed, or still writing) is left out instead."""

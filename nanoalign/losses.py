@@ -210,14 +210,18 @@ def sft_loss(hidden, weight, input_ids, loss_mask, num_tokens=None, chunk_size=1
     return -token_logp_sum(h, weight, targets, chunk_size) / num_tokens
 
 
-def sequence_logps(hidden, weight, input_ids, loss_mask, chunk_size=1024):
+def sequence_logps(hidden, weight, input_ids, loss_mask, chunk_size=1024, sequence_ids=None, num_sequences=None):
     """Summed log-prob of the trained (response) tokens of each sequence: [b] float32.
 
     The one log-prob function for the DPO policy and reference passes, reference precompute and reward checks.
-    A row with no trained token gets 0.
+    A row with no trained token gets 0. Packed rows (several sequences a row) pass sequence_ids [b, t] (the
+    sequence each position belongs to) and num_sequences; the result is then [num_sequences].
     """
     logps, rows = masked_logps(hidden, weight, input_ids, loss_mask, chunk_size)
-    return logps.new_zeros(input_ids.shape[0]).index_add(0, rows, logps)
+    if sequence_ids is None:
+        return logps.new_zeros(input_ids.shape[0]).index_add(0, rows, logps)
+    seq = sequence_ids[:, 1:][loss_mask[:, 1:].bool()]  # [n], in masked_logps' (row-major) order
+    return logps.new_zeros(num_sequences).index_add(0, seq, logps)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,

@@ -459,7 +459,7 @@ def load_weights(module: nn.Module, tensors: dict, source, dtype, device, option
 
 
 def load_model(path_or_hub_id, dtype=torch.float32, device="cpu") -> CausalLM:
-    """Load an HF-format Qwen2/Qwen2.5 (or Qwen3) causal LM from a dir or a hub id."""
+    """Load an HF-format Qwen2/Qwen2.5 (or Qwen3) causal LM from a dir or a hub id (dtype None: as stored)."""
     model_dir = resolve_model_dir(path_or_hub_id)
     config = load_config(model_dir)
     with torch.device("meta"):

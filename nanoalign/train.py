@@ -62,6 +62,21 @@ def one_line_errors(*extra_types):
     sys.excepthook = hook
 
 
+# The oldest torch each call needs. The core path (SDPA with enable_gqa) sets pyproject.toml's floor; a flag whose
+# call is newer checks it with require_torch, so an older torch gets one line naming the flag, not an AttributeError.
+TORCH_FLOOR = "2.5"  # F.scaled_dot_product_attention(enable_gqa=) and flex_attention(enable_gqa=)
+TORCH_FOR = {"--fsdp": "2.6",  # torch.distributed.fsdp.fully_shard (FSDP2) public
+             "--pack-attn varlen": "2.12"}  # torch.nn.attention.varlen.varlen_attn(enable_gqa=)
+
+
+def require_torch(feature):
+    """InputError when the installed torch is older than what `feature` (a key of TORCH_FOR) calls."""
+    have = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    need = TORCH_FOR[feature]
+    if have < tuple(int(x) for x in need.split(".")):
+        raise InputError(f"{feature} needs torch >= {need} (installed: {torch.__version__})")
+
+
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)

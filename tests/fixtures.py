@@ -172,8 +172,15 @@ def json_server(handle):
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as url:
+        yield url
+
+
+@contextmanager
+def serving(server):
+    """Run a socketserver server (bound to 127.0.0.1) in a thread; yields http://127.0.0.1:<port>/v1."""
     server.handle_error = lambda *a: None  # a client that timed out closes its socket: not a test failure
+    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.01), daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/v1"

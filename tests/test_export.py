@@ -10,8 +10,8 @@ import torch
 
 from nanoalign import toy
 from nanoalign.chat import QWEN_SYSTEM, load_chat
+from nanoalign.engine import generate
 from nanoalign.model import CausalLM, ModelConfig, save_model
-from nanoalign.sampling import generate
 from tests.fixtures import QWEN25_BASE_TEMPLATE, QWEN25_INSTRUCT_TEMPLATE
 
 CONVERSATIONS = [  # (messages, add_generation_prompt)

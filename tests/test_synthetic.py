@@ -160,7 +160,7 @@ def check_pairs(out, keep_truncated):
     summary = json.loads((out / "summary.json").read_text())
     assert summary == dict(prompts=8, samples=8 * N, pairs=len(pairs),
                            unusable_samples=0 if keep_truncated else sum(not r["finished"] for r in rows),
-                           prompts_below_gap=8 - len(pairs),
+                           prompts_below_gap=8 - len(pairs), skipped=0,
                            mean_score=pytest.approx(sum(r["score"] for r in rows) / len(rows)),
                            truncated=sum(not r["finished"] for r in rows),
                            empty=sum(not r["response"].strip() for r in rows))
@@ -384,7 +384,7 @@ def check_verdicts(out, prompts, tie_eps):
     summary = json.loads((out / "summary.json").read_text())
     expected = win_rate([r["score_a"] for r in rows], [r["score_b"] for r in rows], tie_eps)
     for k, v in expected.items():
-        assert summary[k] == (pytest.approx(v, nan_ok=True) if k != "ci95" else pytest.approx(v)), k
+        assert summary[k] == (v if v is None else pytest.approx(v)), k
     return rows, summary
 
 
@@ -480,3 +480,68 @@ def test_ungradable_prompt_fails_before_sampling(setup, tmp_path):
     proc = gen(setup, tmp_path / "top_p", "--reward", "toy", "--top-p", 0, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == \
         "error: need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1, got 0.8, 0, 0.0"
+
+
+# -----------------------------------------------------------------------------
+# Scoring call sites: exact ties, refused items, valid summaries
+
+def strict_json(path):
+    """JSON as the spec has it: a NaN or Infinity token is an error (Python's json.loads would accept it)."""
+    return json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"{path}: {token} is not JSON"))
+
+
+def test_identical_answers_are_exact_ties_with_a_local_reward_model(setup, tmp_path):
+    """Stored B answers equal to A's greedy answer on half the prompts, long different ones on the others, judged
+    by a tiny random reward model in fp32 with --tie-eps 0: every identical pair is a tie (A and B used to be
+    scored in separate calls with different batch neighbours, which made wins and losses out of identical text)."""
+    from tests.test_reward import make_seqcls_dir
+    rm_dir = make_seqcls_dir(tmp_path / "rm", toy.build_tokenizer(tmp_path / "tok"), "qwen2")
+    prompts = prompt_records(read_records(setup["eval_prompts"]))
+    stored = [{"prompt_id": pid, "response": "9" if i % 2 else f"The largest of them all is {i} " * (i + 1)}
+              for i, (pid, _) in enumerate(prompts)]
+    path = write_jsonl(tmp_path / "answers.jsonl", stored)
+    out = tmp_path / "ties"
+    evaluate(setup, out, "--responses-b", path, "--reward", rm_dir, "--reward-batch-size", 4)
+    rows = read_rows(out / "per_prompt.jsonl")
+    assert {r["response_a"] for r in rows} == {"9"}
+    same = [r for r in rows if r["response_a"] == r["response_b"]]
+    assert len(same) == 4 and all(r["winner"] == "tie" and r["score_a"] == r["score_b"] for r in same)
+    assert all(r["winner"] != "tie" for r in rows if r not in same)
+    summary = strict_json(out / "summary.json")
+    assert summary["ties"] == 4 and summary["skipped"] == 0
+
+    # all ties: nothing decided, so no win rate: null, the whole interval, and valid JSON
+    write_jsonl(path, [{"prompt_id": pid, "response": "9"} for pid, _ in prompts])
+    evaluate(setup, tmp_path / "all_ties", "--responses-b", path)
+    summary = strict_json(tmp_path / "all_ties" / "summary.json")
+    assert (summary["ties"], summary["win_rate"], summary["ci95"]) == (8, None, [0.0, 1.0])
+
+
+def test_refused_items_are_skipped_and_counted(setup, tmp_path):
+    """An endpoint that answers HTTP 400 for some answers: the run finishes, those samples keep score null and
+    are in no pair, summary.json counts them; a rerun asks nothing again."""
+    log = []
+
+    def respond(path, headers, body):
+        question, response = body["messages"][-2]["content"], body["messages"][-1]["content"]
+        log.append(response)
+        if response == "8":
+            return 400, {"error": "input too long"}
+        return 200, {"choices": [{"message": {"content": f"reward:{stub_score(question, response)}"}}]}
+
+    with json_server(respond) as url:
+        out = tmp_path / "refused"
+        args = ("--max-prompts", 4, "--batch-size", 2, "--reward", url, "--reward-retries", 0)
+        gen(setup, out, *args)
+        rows = read_rows(out / "samples.jsonl")
+        refused = [r for r in rows if r["response"] == "8"]
+        assert refused and all(r["score"] is None for r in refused)
+        assert all(r["score"] == stub_score(r["prompt"][-1]["content"], r["response"]) for r in rows
+                   if r["response"] != "8")
+        summary = strict_json(out / "summary.json")
+        assert summary["skipped"] == len(refused) and summary["samples"] == len(rows) == 4 * N
+        assert all("8" not in (p["chosen"], p["rejected"]) for p in read_rows(out / "pairs.jsonl"))
+        asked = len(log)
+        (out / "samples.jsonl").write_text("")  # sample everything again: every score, refusals too, is cached
+        gen(setup, out, *args)
+        assert len(log) == asked and strict_json(out / "summary.json") == summary

@@ -151,3 +151,21 @@ def test_metrics_stay_valid_json(tmp_path):
         raise AssertionError(token)
     assert json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=no_constants) == dict(
         step=1, loss=None, grad_norm=None, lr=0.333333, skipped=True)
+
+
+def test_torch_floor_matches_what_the_code_calls(monkeypatch):
+    """pyproject.toml's torch floor is the core path's need (SDPA's enable_gqa came in 2.5; it said 2.4); a flag that
+    calls something newer names itself and the version it needs in one line on an older torch."""
+    import re
+    from pathlib import Path
+
+    from nanoalign import train
+    from nanoalign.errors import InputError
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'"torch>=([\d.]+)"', pyproject).group(1) == train.TORCH_FLOOR == "2.5"
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(InputError, match=r"^--fsdp needs torch >= 2\.6 \(installed: 2\.5\.1\+cpu\)$"):
+        train.require_torch("--fsdp")
+    monkeypatch.setattr(torch, "__version__", "2.12.0")
+    train.require_torch("--fsdp")
+    train.require_torch("--pack-attn varlen")
