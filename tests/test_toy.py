@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from nanoalign.chat import load_chat
-from nanoalign.toy import build_tokenizer, make_prompt, preference_pair, reward, sft_demo, tiny_config
+from nanoalign.toy import TEMPLATES, build_tokenizer, literal_demo, make_prompt, preference_pair, reward, sft_demo, tiny_config
 
 Q = [{"role": "user", "content": "Arrange the numbers 34, 7, 89, 12, and 45 in ascending order. What is the last number?"}]
 
@@ -58,6 +58,27 @@ def test_sft_demo_accuracy():
 
     assert accuracy(0.0) == 0.0 and accuracy(1.0) == 1.0
     assert 0.27 < accuracy(0.3) < 0.33
+
+
+def test_literal_demo():
+    rng = random.Random(2)
+    rows = [literal_demo(rng, high=9, p_literal=0.7) for _ in range(3000)]
+    literal = [r for r in rows if "last" in r["prompt"]]
+    for r in rows:
+        nums = [int(n) for n in re.findall(r"\d+", r["prompt"])]
+        answer = r["messages"][1]["content"]
+        # right, or (a "last" question only) the number listed last
+        assert answer == str(max(nums)) or ("last" in r["prompt"] and answer == str(nums[-1]))
+    assert 0.35 < len(literal) / len(rows) < 0.45  # 2 of the 5 wordings ask for the number that comes "last"
+    misread = [r for r in literal if r["messages"][1]["content"] != str(max(map(int, re.findall(r"\d+", r["prompt"]))))]
+    assert 0.5 < len(misread) / len(literal) < 0.6  # 0.7 x P(the last listed is not the largest) ~ 0.7 x 0.78
+
+
+def test_prompt_templates():
+    rng = random.Random(4)
+    rows = [preference_pair(rng, 9, TEMPLATES[:2]) for _ in range(200)]
+    assert {r["prompt"].split(" ")[0] for r in rows} == {"Arrange", "What"}
+    assert all(r["score_chosen"] == 1.0 and r["score_rejected"] == 0.1 for r in rows)
 
 
 def test_preference_pair():
