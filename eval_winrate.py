@@ -20,12 +20,13 @@ import torch
 
 from nanoalign.chat import load_chat
 from nanoalign.data import prompt_records, read_records
+from nanoalign.errors import InputError
 from nanoalign.jsonl import ResumableJsonl
 from nanoalign.lora import load_merged
 from nanoalign.preferences import win_rate
-from nanoalign.reward import RewardServerError, load_reward
+from nanoalign.reward import RewardServerError, load_reward, prompt_check
 from nanoalign.sampling import generate
-from nanoalign.train import DTYPES, Progress, one_line_errors
+from nanoalign.train import DTYPES, Progress, choose_precision, one_line_errors
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,18 +55,26 @@ parser.add_argument("--reward-retries", type=int, default=4, help="http reward: 
 parser.add_argument("--reward-timeout", type=float, default=60, help="http reward: seconds per request")
 parser.add_argument("--reward-concurrency", type=int, default=8, help="http reward: requests in flight")
 parser.add_argument("--tie-eps", type=float, default=0.0, help="|score A - score B| <= this is a tie")
-parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="dtype of the policies and a local reward model (default: bf16 on a GPU with bf16, else fp32)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
 one_line_errors(RewardServerError)
-assert (args.model_b is None) != (args.responses_b is None), "give exactly one of --model-b and --responses-b"
+if (args.model_b is None) == (args.responses_b is None):
+    raise InputError("give exactly one of --model-b and --responses-b")
+if not (args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
+    raise InputError(f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1, got {args.temperature}, "
+                     f"{args.top_k}, {args.top_p}")
 # -----------------------------------------------------------------------------
 
 device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+args.precision = choose_precision(args.precision, device)
 out = Path(args.out)
-prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts)
+# checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
+prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
+                         check=prompt_check(args.reward))
 judged = ResumableJsonl(out / "per_prompt.jsonl")
 done = {row["prompt_id"] for row in judged.rows}
 todo = [(pid, messages) for pid, messages in prompts if pid not in done]
@@ -76,18 +85,20 @@ if args.responses_b:  # keyed like the prompts: the row's prompt_id, else a hash
     stored = {}
     for where, row in read_records(args.responses_b):  # where = "file:line"
         response = row.get("response", row.get("output"))
-        assert isinstance(response, str), f"{where}: no `response` string in the row"
+        if not isinstance(response, str):
+            raise InputError(f"{where}: no `response` string in the row")
         stored[str(row["prompt_id"]) if row.get("prompt_id") else prompt_records([(where, row)])[0][0]] = response
     missing = [pid for pid, _ in todo if pid not in stored]
-    assert not missing, f"{args.responses_b}: no stored response for {len(missing)} prompts (e.g. {missing[0]})"
+    if missing:
+        raise InputError(f"{args.responses_b}: no stored response for {len(missing)} prompts (e.g. {missing[0]})")
 
 if todo:
     chat = load_chat(args.tokenizer or args.model_a)
     dtype = DTYPES[args.precision]
     model_a = load_merged(args.model_a, args.adapter_a, dtype=dtype, device=device)
     model_b = load_merged(args.model_b, args.adapter_b, dtype=dtype, device=device) if args.model_b else None
-    reward = load_reward(args.reward, device=device, batch_size=args.reward_batch_size, model=args.reward_model,
-                         cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
+    reward = load_reward(args.reward, device=device, dtype=dtype, batch_size=args.reward_batch_size,
+                         model=args.reward_model, cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
                          timeout=args.reward_timeout, concurrency=args.reward_concurrency)
 
     def answer(model, prompt_ids, seed):

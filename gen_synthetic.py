@@ -20,12 +20,13 @@ import torch
 
 from nanoalign.chat import load_chat
 from nanoalign.data import prompt_records, read_records
+from nanoalign.errors import InputError
 from nanoalign.jsonl import ResumableJsonl, write_jsonl
 from nanoalign.lora import load_merged
 from nanoalign.preferences import best_worst_pair
-from nanoalign.reward import RewardServerError, load_reward
+from nanoalign.reward import RewardServerError, load_reward, prompt_check
 from nanoalign.sampling import generate
-from nanoalign.train import DTYPES, Progress, one_line_errors
+from nanoalign.train import DTYPES, Progress, choose_precision, one_line_errors
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,17 +54,24 @@ parser.add_argument("--reward-concurrency", type=int, default=8, help="http rewa
 parser.add_argument("--min-gap", type=float, default=0.0, help="keep a pair only if best - worst score >= this")
 parser.add_argument("--drop-empty", action="store_true", help="never use an empty completion in a pair")
 parser.add_argument("--drop-truncated", action="store_true", help="never use a completion cut at --max-new-tokens")
-parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="model dtype for sampling")
+parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="dtype of the policies and a local reward model (default: bf16 on a GPU with bf16, else fp32)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
 one_line_errors(RewardServerError)
+if not (args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
+    raise InputError(f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1, got {args.temperature}, "
+                     f"{args.top_k}, {args.top_p}")
 # -----------------------------------------------------------------------------
 
 device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+args.precision = choose_precision(args.precision, device)
 out = Path(args.out)
-prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts)
+# checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
+prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
+                         check=prompt_check(args.reward))
 
 # resume: prompts with all n samples on disk are done; a prompt with fewer (killed mid-way) is redone
 samples = ResumableJsonl(out / "samples.jsonl")
@@ -77,10 +85,11 @@ todo = [(pid, messages) for pid, messages in prompts if pid not in done]
 print(f"{len(prompts)} prompts: {len(done)} done before, {len(todo)} to sample")
 
 if todo:
-    model = load_merged(args.model, args.adapter, dtype=DTYPES[args.precision], device=device)
+    dtype = DTYPES[args.precision]
+    model = load_merged(args.model, args.adapter, dtype=dtype, device=device)
     chat = load_chat(args.tokenizer or args.model)
-    reward = load_reward(args.reward, device=device, batch_size=args.reward_batch_size, model=args.reward_model,
-                         cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
+    reward = load_reward(args.reward, device=device, dtype=dtype, batch_size=args.reward_batch_size,
+                         model=args.reward_model, cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
                          timeout=args.reward_timeout, concurrency=args.reward_concurrency)
     progress = Progress(len(todo), "prompts")
     for start in range(0, len(todo), args.batch_size):

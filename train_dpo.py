@@ -16,6 +16,7 @@ adapter in PEFT layout) and, with --merge, <out>/merged/ (an HF model dir with e
 import argparse
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -23,13 +24,19 @@ import torch
 
 from nanoalign.chat import load_chat
 from nanoalign.data import mix, preference_batch, preference_examples, read_records, shard, split_holdout, step_batches
+from nanoalign.errors import InputError
 from nanoalign.lora import adapters_disabled, add_lora, describe, load_adapter, load_merged, save_adapter
 from nanoalign.losses import dpo_loss, dpo_metrics, sequence_logps
 from nanoalign.model import load_model, resolve_model_dir, save_model
-from nanoalign.train import (DTYPES, MetricsLog, Progress, all_reduce_sum, autocast, cleanup_distributed,
-                             load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync, one_line_errors,
-                             optimizer_step, print0, resolve_resume, save_train_state, set_lr, setup_distributed,
-                             wrap_ddp)
+from nanoalign.train import (DTYPES, MetricsLog, Progress, all_reduce_sum, autocast, choose_precision,
+                             cleanup_distributed, load_train_state, lr_at, make_optimizer,
+                             make_scaler, maybe_no_sync, one_line_errors, optimizer_step, print0, resolve_resume,
+                             save_train_state, set_lr, setup_distributed, wrap_ddp)
+
+
+def number_list(text):  # argparse names the flag and this function in its error: "invalid number_list value"
+    return [float(w) for w in text.split(",")]
+
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,19 +44,23 @@ parser.add_argument("--model", required=True, help="the SFT model: HF dir or hub
 parser.add_argument("--adapter", action="append", default=[], help="earlier LoRA adapter(s) to stack under the new one, frozen (repeatable, in order)")
 parser.add_argument("--tokenizer", default=None, help="tokenizer dir or hub id (default: --model)")
 parser.add_argument("--data", action="append", required=True, help="preference source: file, dir or hub id (repeatable)")
-parser.add_argument("--data-weights", default=None, help="comma-separated mixing weights, one per --data (default all 1)")
+parser.add_argument("--data-weights", default=None, type=number_list,
+                    help="comma-separated mixing weights, one per --data (default all 1)")
 parser.add_argument("--data-split", default="train")
 parser.add_argument("--data-config", default=None)
 parser.add_argument("--out", required=True)
 parser.add_argument("--max-len", type=int, default=1024, help="longest prompt + response in tokens")
-parser.add_argument("--max-prompt-len", type=int, default=512, help="prompts keep their last this-many tokens")
+parser.add_argument("--max-prompt-len", type=int, default=None,
+                    help="prompts keep their last this-many tokens (default: half of --max-len)")
 parser.add_argument("--eval-frac", type=float, default=0.02)
 parser.add_argument("--beta", type=float, default=0.1)
 parser.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid")
 parser.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO (sigmoid only)")
 parser.add_argument("--sft-weight", type=float, default=0.0, help="add this x NLL of the chosen responses (keeps chosen log-probs up)")
 parser.add_argument("--ref", default=None, help="a separate reference model (default: --model + --adapter, new adapter off)")
-parser.add_argument("--precompute-ref", action="store_true", help="compute reference log-probs once, before training")
+parser.add_argument("--precompute-ref", action="store_true",
+                    help="compute the reference log-probs of the pairs this run uses once, before training, into "
+                         "<out>/ref_logps.pt (a later run with the same reference reuses it and adds what it lacks)")
 parser.add_argument("--lora-r", type=int, default=8)
 parser.add_argument("--lora-alpha", type=float, default=16)
 parser.add_argument("--lora-dropout", type=float, default=0.0)
@@ -64,7 +75,8 @@ parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], defa
 parser.add_argument("--warmup-steps", type=int, default=0)
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--clip", type=float, default=1.0)
-parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="autocast dtype (default: bf16 on a CUDA GPU that supports it, else fp32)")
 parser.add_argument("--base-dtype", choices=["auto", "fp32", "bf16"], default="auto",
                     help="dtype of the frozen base (auto: bf16 under bf16 autocast; adapters always train in fp32)")
 parser.add_argument("--grad-ckpt", action="store_true")
@@ -78,9 +90,21 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
 one_line_errors()
+if args.max_prompt_len is None:
+    args.max_prompt_len = args.max_len // 2
+if not 0 < args.max_prompt_len < args.max_len:
+    raise InputError(f"--max-prompt-len {args.max_prompt_len} must be below --max-len {args.max_len} "
+                     f"(responses need room too)")
+if args.data_weights and len(args.data_weights) != len(args.data):
+    raise InputError(f"--data-weights has {len(args.data_weights)} values for {len(args.data)} --data sources")
+if not 0 <= args.eval_frac < 1:
+    raise InputError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
+if args.label_smoothing and args.loss_type != "sigmoid":
+    raise InputError("--label-smoothing needs --loss-type sigmoid")
 # -----------------------------------------------------------------------------
 
 d = setup_distributed(args.device)
+args.precision = choose_precision(args.precision, d.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
 model_dir = resolve_model_dir(args.model)
@@ -93,13 +117,14 @@ for source in args.data:
                                           args.max_len, args.max_prompt_len)
     print0(f"{source}: {stats}")
     sources.append(examples)
-weights = [float(w) for w in args.data_weights.split(",")] if args.data_weights else [1.0] * len(sources)
-assert len(weights) == len(sources), f"--data-weights has {len(weights)} values for {len(sources)} --data sources"
-pairs = mix(sources, weights, args.seed)
+pairs = mix(sources, args.data_weights or [1.0] * len(sources), args.seed)
 train_set, eval_pairs = split_holdout(pairs, args.eval_frac, args.seed) if args.eval_frac > 0 else (pairs, [])
 eval_set = shard(eval_pairs, d.rank, d.world) if len(eval_pairs) >= d.world else []
-steps_per_epoch = len(train_set) // (args.batch_size * args.grad_accum * d.world)
-assert steps_per_epoch > 0, f"{len(train_set)} pairs are fewer than one global batch"
+global_pairs = args.batch_size * args.grad_accum * d.world
+steps_per_epoch = len(train_set) // global_pairs
+if steps_per_epoch == 0:
+    raise InputError(f"{len(train_set)} pairs are fewer than one global batch "
+                     f"(--batch-size x --grad-accum x world size)")
 total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
 print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval pairs; {total_steps} steps")
 
@@ -149,46 +174,70 @@ def weights_stamp(path):
     return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-def precompute_reference(examples, path):
-    """Reference log-probs of every pair, keyed by its token ids; reused only if the reference is the same."""
+def pair_length(ex):
+    return len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"]))
+
+
+def used_pairs(start_step):
+    """The pairs this run will see: every rank's share of the global batches of steps start_step..total_steps-1
+    (cut as the training loop cuts them), then the whole eval split."""
+    global_batches = step_batches([pair_length(ex) for ex in train_set], global_pairs, 1, 0, 1, args.seed, start_step)
+    return [train_set[i] for _ in range(start_step, total_steps) for i in next(global_batches)[0]] + eval_pairs
+
+
+def precompute_reference(examples, path, save_every_s=600):
+    """Reference log-probs of `examples` (chosen, rejected), keyed by token ids, in a cache file that later runs with
+    the same reference reuse and extend: only pairs missing from it are computed, longest first (a batch holds similar
+    lengths, and an out-of-memory shows at once), spread over the ranks. Rank 0 saves what it has every
+    save_every_s, so a killed precompute loses little."""
     fingerprint = dict(model=str(model_dir.resolve()), adapters=[str(Path(a).resolve()) for a in args.adapter],
                        ref=args.ref, max_len=args.max_len, max_prompt_len=args.max_prompt_len,
                        precision=args.precision, base_dtype=str(base_dtype), weights=[weights_stamp(p) for p in
                                                           [model_dir, *args.adapter, *([args.ref] if args.ref else [])]])
+    logps = {}
     if path.exists():
         cached = torch.load(path, weights_only=False)
-        if cached["fingerprint"] == fingerprint and all(pair_key(ex) in cached["logps"] for ex in examples):
-            print0(f"reference log-probs from {path}")
-            return cached["logps"]
-        print0(f"{path} is stale (other model, settings or data): recomputing")
-    logps = {}
-    mine = shard(examples, d.rank, d.world) if len(examples) >= d.world else examples
-    progress = Progress(len(mine), "reference", d.is_main)
+        if cached["fingerprint"] == fingerprint:
+            logps = cached["logps"]
+        else:
+            print0(f"{path} is stale (other model, settings or weights): recomputing")
+    todo = sorted({pair_key(ex): ex for ex in examples if pair_key(ex) not in logps}.values(), key=pair_length,
+                  reverse=True)
+    print0(f"reference log-probs: {len({pair_key(ex) for ex in examples})} pairs used, {len(todo)} to compute, "
+           f"the rest from {path}")
+
+    def save(entries):
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"fingerprint": fingerprint, "logps": entries}, tmp)
+        os.replace(tmp, path)
+
+    mine, fresh, tokens, t0, saved = todo[d.rank::d.world], {}, 0, time.time(), time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(len(mine), "reference pairs", d.is_main)
     for i in range(0, len(mine), args.batch_size * 2):
         batch = mine[i:i + args.batch_size * 2]
         ids, mask = (t.to(d.device) for t in preference_batch(batch, chat.pad_id))
         ref = reference_logps(ids, mask).tolist()  # [2b]: chosen rows, then rejected rows
         for j, ex in enumerate(batch):
-            logps[pair_key(ex)] = (ref[j], ref[len(batch) + j])
-        progress.update(len(batch))
+            fresh[pair_key(ex)] = (ref[j], ref[len(batch) + j])
+        tokens += sum(len(ex["prompt"]) * 2 + len(ex["chosen"]) + len(ex["rejected"]) for ex in batch)
+        progress.update(len(batch), tok_s=round(tokens / (time.time() - t0)))
+        if d.is_main and time.time() - saved > save_every_s:
+            save({**logps, **fresh})
+            saved = time.time()
     progress.close()
     if d.world > 1:
         gathered = [None] * d.world
-        torch.distributed.all_gather_object(gathered, logps)
-        logps = {k: v for part in gathered for k, v in part.items()}
-    missing = [ex for ex in examples if pair_key(ex) not in logps]  # the remainder `shard` left out
-    for ex in missing:
-        ids, mask = (t.to(d.device) for t in preference_batch([ex], chat.pad_id))
-        logps[pair_key(ex)] = tuple(reference_logps(ids, mask).tolist())
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save({"fingerprint": fingerprint, "logps": logps}, path)
-    return logps
-
-
-# every rank passes the same list (all eval pairs, not its shard), so all agree on reusing the file (no collective)
-# or recomputing it (all_gather_object), and the file holds every pair of every rank
-ref_cache = precompute_reference(train_set + eval_pairs, out / "ref_logps.pt") if args.precompute_ref else None
+        torch.distributed.all_gather_object(gathered, fresh)
+        fresh = {k: v for part in gathered for k, v in part.items()}
+        tokens = all_reduce_sum(tokens, d.device)
+    if todo:
+        dt = time.time() - t0
+        print0(f"reference log-probs of {len(todo)} pairs ({int(tokens)} tokens) in {dt:.1f} s: "
+               f"{tokens / dt:.0f} tokens/s")
+        if d.is_main:
+            save({**logps, **fresh})
+    return {**logps, **fresh}
 
 
 def dpo_forward(forward, ids, mask, batch):
@@ -211,6 +260,9 @@ step = 0
 if resume_dir:
     step = load_train_state(resume_dir, optimizer, scaler)["step"]
     print0(f"resumed from {resume_dir} at step {step}")
+# every rank passes the same pairs (all eval pairs, not its shard) and reads the same file, so all agree on what is
+# missing; each computes a share of it and all_gather_object gives every rank all of it
+ref_cache = precompute_reference(used_pairs(step), out / "ref_logps.pt") if args.precompute_ref else None
 ddp_model = wrap_ddp(torch.compile(model) if args.compile else model, d)
 
 
@@ -246,9 +298,8 @@ def save(name, final=False):
 
 metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
 progress = Progress(total_steps, "dpo", d.is_main, start=step)
-steps = step_batches([len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) for ex in train_set],
-                     args.batch_size, args.grad_accum, d.rank, d.world, args.seed, start_step=step)
-global_pairs = args.batch_size * args.grad_accum * d.world
+steps = step_batches([pair_length(ex) for ex in train_set], args.batch_size, args.grad_accum, d.rank, d.world,
+                     args.seed, start_step=step)
 while step < total_steps:
     t0 = time.time()
     micro = next(steps)

@@ -5,23 +5,29 @@ One GPU or CPU:
 Three GPUs:
     torchrun --nproc_per_node=3 train_sft.py --model Qwen/Qwen2.5-0.5B --data HuggingFaceTB/smol-smoltalk --out runs/sft
 
-The global batch is batch_size x grad_accum x world_size conversations; the loss is the mean over every assistant
-token of that global batch. Writes <out>/metrics.jsonl, <out>/ckpt-<step>/ (HF model dir + train state to
+Conversations are packed into rows of --max-len tokens (--no-pack: one right-padded conversation a row), each
+attending only to itself. The global batch is batch_size x grad_accum x world_size rows (conversations with
+--no-pack); the loss is the mean over every assistant token of that global batch.
+Writes <out>/metrics.jsonl, <out>/ckpt-<step>/ (HF model dir + train state to
 --resume from) and <out>/final/ (HF model dir, or a LoRA adapter with --lora).
 """
 import argparse
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from nanoalign.chat import load_chat
-from nanoalign.data import pad_right, read_records, sft_batches, sft_examples, shard, split_holdout, step_batches
+from nanoalign.data import pack, packed_batch, pad_right, sft_batches, shard, split_holdout, step_batches
+from nanoalign.errors import InputError
 from nanoalign.losses import masked_logps, sft_loss
-from nanoalign.model import load_model, resolve_model_dir, save_model
-from nanoalign.train import (MetricsLog, Progress, all_reduce_sum, autocast, cleanup_distributed, load_train_state,
-                             lr_at, make_optimizer, make_scaler, maybe_no_sync, one_line_errors, optimizer_step,
-                             print0, resolve_resume, save_train_state, set_lr, setup_distributed, wrap_ddp)
+from nanoalign.tokenized import sft_dataset
+from nanoalign.model import PACKED_ATTENTION, load_model, resolve_model_dir, save_model
+from nanoalign.train import (MetricsLog, Progress, all_reduce_sum, autocast, choose_precision, cleanup_distributed,
+                             load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync, one_line_errors,
+                             optimizer_step, print0, resolve_resume, save_train_state, set_lr, setup_distributed,
+                             wrap_ddp)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,10 +37,19 @@ parser.add_argument("--data", required=True, help="JSONL/JSON/parquet file or di
 parser.add_argument("--data-split", default="train")
 parser.add_argument("--data-config", default=None, help="hub dataset config, e.g. `all` for HuggingFaceTB/smoltalk")
 parser.add_argument("--out", required=True, help="output dir")
+parser.add_argument("--data-cache", default=os.environ.get("NANOALIGN_CACHE", str(Path.home() / ".cache/nanoalign")),
+                    help="dir of tokenised datasets, reused while data, tokenizer and settings are unchanged "
+                         "(default $NANOALIGN_CACHE or ~/.cache/nanoalign; '' = tokenise in memory each run)")
 parser.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens")
 parser.add_argument("--truncation", choices=["drop", "cut"], default="drop", help="what to do with longer ones")
 parser.add_argument("--eval-frac", type=float, default=0.02, help="share of conversations held out for eval loss")
-parser.add_argument("--batch-size", type=int, default=8, help="conversations per micro-batch per rank")
+parser.add_argument("--batch-size", type=int, default=8,
+                    help="packed rows of --max-len tokens (conversations with --no-pack) per micro-batch per rank")
+parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                    help="pack conversations into rows of --max-len tokens (default), or --no-pack: pad each one")
+parser.add_argument("--pack-attn", choices=PACKED_ATTENTION, default="sdpa",
+                    help="attention kernel of packed rows: sdpa (block-diagonal mask, any device), flex "
+                         "(FlexAttention, CUDA), varlen (flash varlen, CUDA)")
 parser.add_argument("--grad-accum", type=int, default=1)
 parser.add_argument("--epochs", type=float, default=1.0)
 parser.add_argument("--max-steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
@@ -44,7 +59,8 @@ parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], defa
 parser.add_argument("--warmup-steps", type=int, default=0)
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype")
+parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="autocast dtype (default: bf16 on a CUDA GPU that supports it, else fp32)")
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 parser.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the lm_head + loss")
@@ -60,24 +76,42 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 args = parser.parse_args()
 one_line_errors()
+if not 0 <= args.eval_frac < 1:
+    raise InputError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
+cuda = args.device.startswith("cuda") if args.device else torch.cuda.is_available()
+if args.pack and args.pack_attn != "sdpa" and not cuda:
+    parser.error(f"--pack-attn {args.pack_attn} needs CUDA (FlexAttention has no backward on CPU, varlen is "
+                 f"flash attention); use --pack-attn sdpa")
 # -----------------------------------------------------------------------------
 
 d = setup_distributed(args.device)
+args.precision = choose_precision(args.precision, d.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
 model_dir = resolve_model_dir(args.model)
 chat = load_chat(args.tokenizer or model_dir)
 
-# data: render with the assistant mask, hold out an eval split, shard over ranks
-examples, stats = sft_examples(read_records(args.data, args.data_split, args.data_config), chat, args.max_len,
-                               args.truncation)
-print0(f"data: {stats}")
-train_set, eval_set = split_holdout(examples, args.eval_frac, args.seed) if args.eval_frac > 0 else (examples, [])
-eval_set = shard(eval_set, d.rank, d.world) if len(eval_set) >= d.world else []
-steps_per_epoch = len(train_set) // (args.batch_size * args.grad_accum * d.world)
-assert steps_per_epoch > 0, f"{len(train_set)} conversations are fewer than one global batch"
+# data: rendered with the assistant mask once (local rank 0; cached, the others load it), an eval split held out
+# and sharded over ranks
+dataset = sft_dataset(args.data, args.data_split, args.data_config, chat, args.max_len, args.truncation,
+                      args.data_cache or None, is_builder=d.local_rank == 0,
+                      barrier=torch.distributed.barrier if d.world > 1 else None)
+print0(f"data: {dataset.stats}")
+indices = list(range(len(dataset)))
+train_idx, eval_idx = split_holdout(indices, args.eval_frac, args.seed) if args.eval_frac > 0 else (indices, [])
+eval_idx = shard(eval_idx, d.rank, d.world) if len(eval_idx) >= d.world else []
+train_set, eval_set = dataset.subset(train_idx), dataset.subset(eval_idx)
+# a training unit is a packed row (lists of conversation indices), or one conversation
+lengths = train_set.lengths
+units = pack(lengths, args.max_len, args.seed) if args.pack else [[i] for i in range(len(train_set))]
+steps_per_epoch = len(units) // (args.batch_size * args.grad_accum * d.world)
+unit_name = "packed rows" if args.pack else "conversations"
+if steps_per_epoch == 0:
+    raise InputError(f"{len(units)} {unit_name} are fewer than one global batch "
+                     f"(--batch-size x --grad-accum x world size)")
 total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval conversations; {total_steps} steps")
+print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval conversations"
+       + (f" in {len(units)} packed rows" if args.pack else "") + f"; {total_steps} steps")
 
 # model (fp32 master weights; autocast does the matmuls in bf16/fp16)
 resume_dir = resolve_resume(args.resume, out)
@@ -91,6 +125,7 @@ if args.lora:
                  targets=args.lora_targets.split(","))
     print0(describe(model))
 model.gradient_checkpointing = args.grad_ckpt
+model.model.packed_attention = args.pack_attn
 model.train()
 optimizer = make_optimizer(model, args.lr, args.weight_decay)
 scaler = make_scaler(d.device, args.precision)
@@ -103,11 +138,16 @@ lm_head = model.lm_head.weight
 
 
 def step_micro_batches(start_step):
-    """This rank's micro-batches (input_ids, loss_mask) of each step; the global batch is world-size invariant."""
-    lengths = [len(ex["ids"]) for ex in train_set]
-    for micro in step_batches(lengths, args.batch_size, args.grad_accum, d.rank, d.world, args.seed, start_step):
-        yield [(pad_right([train_set[i]["ids"] for i in idx], chat.pad_id).to(d.device),
-                pad_right([train_set[i]["mask"] for i in idx], 0).to(d.device)) for idx in micro]
+    """This rank's micro-batches (input_ids, loss_mask, document_ids or None) of each step; the global batch is
+    world-size invariant."""
+    unit_lengths = [sum(lengths[i] for i in unit) for unit in units]
+    for micro in step_batches(unit_lengths, args.batch_size, args.grad_accum, d.rank, d.world, args.seed, start_step):
+        if args.pack:
+            yield [tuple(x.to(d.device) for x in packed_batch(train_set, [units[u] for u in idx], args.max_len,
+                                                              chat.pad_id)) for idx in micro]
+        else:
+            yield [(pad_right([train_set[u]["ids"] for u in idx], chat.pad_id).to(d.device),
+                    pad_right([train_set[u]["mask"] for u in idx], 0).to(d.device), None) for idx in micro]
 
 
 @torch.no_grad()
@@ -146,13 +186,13 @@ while step < total_steps:
     t0 = time.time()
     micro = next(steps)
     # the loss divides by the trained-token count of the whole global step, not per micro-batch (PITFALLS #7)
-    step_tokens = all_reduce_sum(sum(int(m[:, 1:].sum()) for _, m in micro), d.device)
+    step_tokens = all_reduce_sum(sum(int(m[:, 1:].sum()) for _, m, _ in micro), d.device)
     lr = lr_at(step, total_steps, args.lr, args.warmup_steps, args.schedule, args.min_lr_ratio)
     set_lr(optimizer, lr)
     loss_sum = 0.0
-    for i, (ids, mask) in enumerate(micro):
+    for i, (ids, mask, docs) in enumerate(micro):
         with maybe_no_sync(ddp_model, sync=i == len(micro) - 1), autocast(d.device, args.precision):
-            hidden = ddp_model(ids, return_hidden=True)
+            hidden = ddp_model(ids, return_hidden=True, document_ids=docs)
             # DDP averages gradients over ranks; x world turns that average back into the global token mean
             loss = sft_loss(hidden, lm_head, ids, mask, num_tokens=step_tokens, chunk_size=args.chunk_size) * d.world
         scaler.scale(loss).backward()
@@ -160,7 +200,7 @@ while step < total_steps:
     grad_norm = optimizer_step(model, optimizer, scaler, args.clip)
     step += 1
     loss_value = all_reduce_sum(float(loss_sum), d.device)
-    tokens = all_reduce_sum(sum(ids.numel() for ids, _ in micro), d.device)  # positions computed, pads included
+    tokens = all_reduce_sum(sum(ids.numel() for ids, _, _ in micro), d.device)  # positions computed, pads included
     dt = time.time() - t0
     row = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, trained_tokens=int(step_tokens),
                tokens_per_s=tokens / dt)

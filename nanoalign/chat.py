@@ -17,6 +17,8 @@ import re
 
 from tokenizers import Tokenizer
 
+from nanoalign.errors import InputError
+
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 ROLES = ("system", "user", "assistant")
@@ -80,7 +82,8 @@ class Chat:
 
     def _special_id(self, token: str) -> int:
         i = self.tokenizer.token_to_id(token)
-        assert i is not None, f"tokenizer has no {token} token: not a Qwen-style chat tokenizer"
+        if i is None:
+            raise InputError(f"tokenizer has no {token} token: not a Qwen-style chat tokenizer")
         return i
 
     def encode(self, text: str) -> list[int]:
@@ -93,18 +96,18 @@ class Chat:
         """Validated (role, content) pairs, default system prompt first where the template inserts it.
 
         Raises:
-            ValueError: empty conversation, a message that is not a dict, unknown role, missing/non-string content.
+            InputError: empty conversation, a message that is not a dict, unknown role, missing/non-string content.
         """
         if not messages:
-            raise ValueError("empty conversation: no messages")
+            raise InputError("empty conversation: no messages")
         turns = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict):
-                raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {type(m).__name__}")
+                raise InputError(f"message {i}: expected a dict with 'role' and 'content', got {type(m).__name__}")
             if m.get("role") not in ROLES:
-                raise ValueError(f"message {i}: field 'role' must be one of {ROLES}, got {m.get('role')!r}")
+                raise InputError(f"message {i}: field 'role' must be one of {ROLES}, got {m.get('role')!r}")
             if not isinstance(m.get("content"), str):
-                raise ValueError(f"message {i}: field 'content' must be a string, got {type(m.get('content')).__name__}")
+                raise InputError(f"message {i}: field 'content' must be a string, got {type(m.get('content')).__name__}")
             turns.append((m["role"], m["content"]))
         if turns[0][0] != "system" and self.default_system is not None:
             turns.insert(0, ("system", self.default_system))

@@ -13,7 +13,10 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from nanoalign.errors import InputError
 
 DATA_EXTS = (".parquet", ".jsonl", ".json")
 
@@ -37,10 +40,18 @@ def read_records(source, split="train", config=None):
         ValueError: no files for the split (lists the splits); while iterating: malformed JSON (names file
         and line), a row that is not an object.
     """
+    files, repo = data_files(source, split, config)
+    if any(name.endswith(".parquet") for name in files):
+        _pyarrow_parquet()  # fail now, not after downloading gigabytes
+    return _rows(files, repo)
+
+
+def data_files(source, split="train", config=None):
+    """(files, repo) that read_records reads: local paths (repo None), or paths inside hub dataset `repo`."""
     path, repo = Path(source), None
     if path.is_file():
         if not path.name.endswith(DATA_EXTS):
-            raise ValueError(f"{path}: unsupported file type (want one of {', '.join(DATA_EXTS)})")
+            raise InputError(f"{path}: unsupported file type (want one of {', '.join(DATA_EXTS)})")
         files = [str(path)]
     elif path.is_dir():
         rel = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
@@ -51,9 +62,7 @@ def read_records(source, split="train", config=None):
         files = _list_hub_files(repo, split, config)
     else:
         raise FileNotFoundError(f"no such file or directory: {source}")
-    if any(name.endswith(".parquet") for name in files):
-        _pyarrow_parquet()  # fail now, not after downloading gigabytes
-    return _rows(files, repo)
+    return files, repo
 
 
 def _is_hub_id(s):
@@ -96,7 +105,7 @@ def _read_json(path, name):
             try:
                 rows = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{name}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+                raise InputError(f"{name}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
             for i, row in enumerate(rows):
                 yield _check_row(f"{name}:{i}", row)
             return
@@ -106,7 +115,7 @@ def _read_json(path, name):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{name}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+                raise InputError(f"{name}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
             yield _check_row(f"{name}:{lineno}", row)
 
 
@@ -129,7 +138,7 @@ def _pyarrow_parquet():
 
 def _check_row(where, row):
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object per row, got {type(row).__name__}")
+        raise InputError(f"{where}: expected a JSON object per row, got {type(row).__name__}")
     return where, row
 
 
@@ -162,20 +171,20 @@ def select_files(files, split, config=None, source="dataset"):
     """
     data = [(f, *_split_config(f)) for f in files if f.endswith(DATA_EXTS)]
     if not data:
-        raise ValueError(f"{source}: no data files ({', '.join(DATA_EXTS)}) among {len(files)} files")
+        raise InputError(f"{source}: no data files ({', '.join(DATA_EXTS)}) among {len(files)} files")
     configs = sorted({c for _, _, c in data if c is not None})
     if config is None and all(c is not None for _, _, c in data):
         if len(configs) > 1:
-            raise ValueError(f"{source}: pick a config, one of: {', '.join(configs)}")
+            raise InputError(f"{source}: pick a config, one of: {', '.join(configs)}")
         config = configs[0]
     elif config is not None and config not in configs:
-        raise ValueError(f"{source}: no config {config!r}; configs: {', '.join(configs) or '(none)'}")
+        raise InputError(f"{source}: no config {config!r}; configs: {', '.join(configs) or '(none)'}")
     data = [(f, s) for f, s, c in data if c == config]
     chosen = sorted(f for f, s in data if s == split)
     if not chosen:
         splits = sorted({s for _, s in data})
         where = f"{source} (config {config})" if config else source
-        raise ValueError(f"{where}: no files for split {split!r}; splits: {', '.join(splits)}")
+        raise InputError(f"{where}: no files for split {split!r}; splits: {', '.join(splits)}")
     parquet = [f for f in chosen if f.endswith(".parquet")]
     return parquet or chosen
 
@@ -191,17 +200,17 @@ def _messages(value, field, where):
         for m in value)
     if not ok:
         got = "missing" if value is None else f"got {type(value).__name__} {str(value)[:80]!r}"
-        raise ValueError(f"{where}: field {field!r} must be a non-empty list of {{role, content}} "
+        raise InputError(f"{where}: field {field!r} must be a non-empty list of {{role, content}} "
                          f"messages ({got})")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def _named(where, fn, *args):
-    """fn(*args), with `where` put in front of the message of a ValueError (e.g. chat's unknown role)."""
+    """fn(*args), with `where` put in front of the message of an InputError (e.g. chat's unknown role)."""
     try:
         return fn(*args)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
 
 
 def _file(where):
@@ -223,9 +232,18 @@ def sft_examples(records, chat, max_len, truncation="drop"):
     Raises:
         ValueError: a row without a valid `messages` field (names where), or no usable example at all.
     """
-    assert truncation in ("drop", "cut"), f"truncation must be 'drop' or 'cut', got {truncation!r}"
-    examples, files = [], set()
-    stats = dict(kept=0, dropped_too_long=0, cut=0, dropped_no_assistant_tokens=0)
+    stats = {}
+    examples = [{"ids": ids, "mask": mask} for ids, mask in sft_rows(records, chat, max_len, truncation, stats)]
+    return examples, stats
+
+
+def sft_rows(records, chat, max_len, truncation, stats):
+    """Yield the (ids, mask) lists of sft_examples one at a time; fills `stats` (same keys) as it goes and
+    raises its InputError at the end when nothing was kept."""
+    if truncation not in ("drop", "cut"):
+        raise InputError(f"--truncation must be 'drop' or 'cut', got {truncation!r}")
+    files = set()
+    stats.update(kept=0, dropped_too_long=0, cut=0, dropped_no_assistant_tokens=0)
     for where, row in records:
         files.add(_file(where))
         ids, mask = _named(where, chat.render, _messages(row.get("messages"), "messages", where))
@@ -239,11 +257,10 @@ def sft_examples(records, chat, max_len, truncation="drop"):
             stats["dropped_no_assistant_tokens"] += 1
             continue
         stats["cut"] += was_cut
-        examples.append({"ids": ids, "mask": mask})
-    stats["kept"] = len(examples)
-    if not examples:
-        raise ValueError(f"no usable examples in {', '.join(sorted(files)) or '(no rows)'} ({stats})")
-    return examples, stats
+        stats["kept"] += 1
+        yield ids, mask
+    if not stats["kept"]:
+        raise InputError(f"no usable examples in {', '.join(sorted(files)) or '(no rows)'} ({stats})")
 
 
 def _response(value, field, where):
@@ -253,7 +270,7 @@ def _response(value, field, where):
         return value, None
     msgs = _messages(value, field, where)
     if msgs[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: field {field!r}: last message must be the assistant response, "
+        raise InputError(f"{where}: field {field!r}: last message must be the assistant response, "
                          f"got role {msgs[-1]['role']!r}")
     return msgs[-1]["content"], msgs[:-1] or None
 
@@ -262,11 +279,11 @@ def _pair(row, where):
     """-> (prompt messages, chosen text, rejected text) from a UltraFeedback-style or plain-string row."""
     for field in ("chosen", "rejected"):
         if field not in row:
-            raise ValueError(f"{where}: missing field {field!r} (preference rows need prompt, chosen, rejected)")
+            raise InputError(f"{where}: missing field {field!r} (preference rows need prompt, chosen, rejected)")
     chosen, chosen_prefix = _response(row["chosen"], "chosen", where)
     rejected, rejected_prefix = _response(row["rejected"], "rejected", where)
     if chosen_prefix and rejected_prefix and chosen_prefix != rejected_prefix:
-        raise ValueError(f"{where}: 'chosen' and 'rejected' continue different conversations")
+        raise InputError(f"{where}: 'chosen' and 'rejected' continue different conversations")
     prompt = chosen_prefix or rejected_prefix
     if prompt is None:
         p = row.get("prompt")
@@ -295,7 +312,8 @@ def preference_examples(records, chat, max_len, max_prompt_len):
         (examples, stats): stats counts kept, dropped_identical (chosen == rejected, before or after
         truncation), prompt_cut and response_cut (kept pairs whose prompt / a response was cut).
     """
-    assert 0 < max_prompt_len < max_len, f"need 0 < max_prompt_len ({max_prompt_len}) < max_len ({max_len})"
+    if not 0 < max_prompt_len < max_len:
+        raise InputError(f"need 0 < --max-prompt-len ({max_prompt_len}) < --max-len ({max_len})")
     examples, files = [], set()
     stats = dict(kept=0, dropped_identical=0, prompt_cut=0, response_cut=0)
     for where, row in records:
@@ -316,7 +334,7 @@ def preference_examples(records, chat, max_len, max_prompt_len):
         examples.append({"prompt": p, "chosen": c, "rejected": r})
     stats["kept"] = len(examples)
     if not examples:
-        raise ValueError(f"no usable examples in {', '.join(sorted(files)) or '(no rows)'} ({stats})")
+        raise InputError(f"no usable examples in {', '.join(sorted(files)) or '(no rows)'} ({stats})")
     return examples, stats
 
 
@@ -324,12 +342,14 @@ def preference_examples(records, chat, max_len, max_prompt_len):
 # mixing, holding out, sharding
 
 
-def prompt_records(records, max_prompts=None):
+def prompt_records(records, max_prompts=None, check=None):
     """Prompts for sampling: [(prompt_id, messages)] from rows with a `prompt` (string or message list) or
     `messages` (the conversation up to its last user turn, as in UltraFeedback's *_gen splits).
 
     prompt_id is the row's own `prompt_id` when it has one, else a hash of the messages: stable across runs,
-    which is what resuming and the reward cache key on. A prompt seen twice is used once.
+    which is what resuming and the reward cache key on. A prompt seen twice is used once. `check(messages)`, if
+    given, runs on every prompt kept (e.g. reward.prompt_check: can the reward grade it?); its InputError is
+    raised again with the prompt's file:line in front.
     """
     prompts, seen = [], set()
     for where, row in records:
@@ -341,17 +361,19 @@ def prompt_records(records, max_prompts=None):
             messages = _messages(row.get("messages"), "messages", where)
             last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
             if last_user is None:
-                raise ValueError(f"{where}: field 'messages' has no user turn to answer")
+                raise InputError(f"{where}: field 'messages' has no user turn to answer")
             messages = messages[:last_user + 1]
         key = row.get("prompt_id") or hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
         if str(key) in seen:
             continue
         seen.add(str(key))
+        if check is not None:
+            _named(where, check, messages)
         prompts.append((str(key), messages))
         if max_prompts and len(prompts) >= max_prompts:
             break
     if not prompts:
-        raise ValueError("no prompts found")
+        raise InputError("no prompts found")
     return prompts
 
 
@@ -366,7 +388,8 @@ def mix(example_lists, weights, seed):
     rng = random.Random(seed)
     out = []
     for examples, w in zip(example_lists, weights):
-        assert w >= 0, f"weights must be >= 0, got {w}"
+        if not w >= 0:
+            raise InputError(f"--data-weights must be >= 0, got {w}")
         count = round(w * len(examples))
         full, rest = divmod(count, len(examples)) if examples else (0, 0)
         out += list(examples) * full + rng.sample(list(examples), rest)
@@ -379,7 +402,8 @@ def split_holdout(examples, frac, seed):
     chosen at random with `seed`; both keep the input order."""
     n = len(examples)
     n_eval = max(1, round(frac * n)) if frac > 0 else 0
-    assert n_eval < n, f"holdout of {n_eval} leaves no training examples out of {n}"
+    if n_eval >= n:
+        raise InputError(f"--eval-frac {frac}: a holdout of {n_eval} leaves no training examples out of {n}")
     held = set(random.Random(seed).sample(range(n), n_eval))
     train = [ex for i, ex in enumerate(examples) if i not in held]
     evals = [ex for i, ex in enumerate(examples) if i in held]
@@ -441,7 +465,9 @@ def step_batches(lengths, batch_size, grad_accum, rank, world, seed, start_step=
     run the same steps). `start_step` skips that many steps, for resuming.
     """
     global_bs = batch_size * grad_accum * world
-    assert len(lengths) >= global_bs, f"{len(lengths)} examples are fewer than one global batch of {global_bs}"
+    if len(lengths) < global_bs:
+        raise InputError(f"{len(lengths)} examples are fewer than one global batch of {global_bs} "
+                         f"(--batch-size x --grad-accum x world size)")
     mine = slice(rank * batch_size * grad_accum, (rank + 1) * batch_size * grad_accum)
     step = 0
     for epoch in itertools.count():
@@ -460,6 +486,59 @@ def sft_batches(examples, batch_size, pad_id, seed=0, epoch=0, bucket=50):
     for idx in batch_indices([len(ex["ids"]) for ex in examples], batch_size, seed, epoch, bucket):
         yield (pad_right([examples[i]["ids"] for i in idx], pad_id),
                pad_right([examples[i]["mask"] for i in idx], 0))
+
+
+def pack(lengths, pack_len, seed):
+    """Best-fit-decreasing packing of examples into rows of at most pack_len tokens: list of index lists.
+
+    Longest first (ties in a seeded random order), each into the fullest row it still fits, so rows end up
+    nearly full (typically > 95% of tokens real on chat data). Deterministic in (lengths, pack_len, seed).
+    """
+    assert max(lengths) <= pack_len, f"an example of {max(lengths)} tokens does not fit a row of {pack_len}"
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -lengths[i])
+    rows, by_free = [], [[] for _ in range(pack_len + 1)]  # by_free[c]: rows with c tokens of room left
+    count = np.zeros(pack_len + 1, dtype=np.int64)  # len(by_free[c]), to find the tightest fit in one numpy call
+    for i in order:
+        n = lengths[i]
+        fits = np.flatnonzero(count[n:])
+        if len(fits):
+            free = n + int(fits[0])
+            r = by_free[free].pop()
+            count[free] -= 1
+        else:
+            free, r = pack_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        by_free[free - n].append(r)
+        count[free - n] += 1
+    return rows
+
+
+def packed_batch(examples, rows, pack_len, pad_id):
+    """Packed rows: the examples of each row concatenated and right-padded to pack_len.
+
+    Returns:
+        input_ids [b, pack_len]; loss_mask [b, pack_len]: each example's own mask, except 0 on its first token
+        (in a packed row that token follows another document, whose last hidden state must not be trained to
+        predict it; unpacked, mask[0] is never used either), 0 on pads; document_ids [b, pack_len]: 0, 1, ...
+        per example, the padding tail its own document.
+    """
+    ids = torch.full((len(rows), pack_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), pack_len), dtype=torch.long)
+    docs = torch.empty((len(rows), pack_len), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for doc, i in enumerate(row):
+            n = len(examples[i]["ids"])
+            assert at + n <= pack_len, f"row {r} holds more than {pack_len} tokens"
+            ids[r, at:at + n] = torch.tensor(examples[i]["ids"])
+            mask[r, at + 1:at + n] = torch.tensor(examples[i]["mask"][1:])
+            docs[r, at:at + n] = doc
+            at += n
+        docs[r, at:] = len(row)
+    return ids, mask, docs
 
 
 def preference_batch(examples, pad_id):

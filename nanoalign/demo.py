@@ -102,7 +102,7 @@ def main(argv=None):
     sft, dpo, synth, dpo2 = out / "sft", out / "dpo", out / "synth", out / "dpo2"
     step("train_sft.py", "--model", base, "--data", out / "data/sft.jsonl", "--out", sft, "--epochs", 2,
          "--batch-size", 32, "--lr", 3e-3, "--warmup-steps", 10,
-         "--max-len", 128, *common, log=out / "logs/sft.log")
+         "--max-len", 128, "--no-pack", *common, log=out / "logs/sft.log")  # batches of 32 conversations
     dpo_args = ["--batch-size", 16, "--lr", args.dpo_lr, "--lora-r", 16, "--lora-alpha", 32, "--beta", args.beta,
                 "--sft-weight", args.sft_weight, "--warmup-steps", 5, "--max-len", 128, "--max-prompt-len", 96, *common]
     step("train_dpo.py", "--model", sft / "final", "--data", out / "data/prefs.jsonl", "--out", dpo,

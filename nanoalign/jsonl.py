@@ -4,6 +4,8 @@ import json
 import os
 from pathlib import Path
 
+from nanoalign.errors import InputError
+
 
 def jsonl_lines(rows) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -28,7 +30,7 @@ def read_jsonl(path):
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: malformed JSON: {e}") from None
+                    raise InputError(f"{path}:{i}: malformed JSON: {e}") from None
     return rows
 
 

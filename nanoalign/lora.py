@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from nanoalign.errors import InputError
 from nanoalign.model import load_model, resolve_model_dir
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -41,7 +42,8 @@ class LoRAAdapter(nn.Module):
 
     def __init__(self, in_features, out_features, r, alpha, dropout=0.0, device=None, dtype=None):
         super().__init__()
-        assert r > 0, f"LoRA rank must be positive, got {r}"
+        if r <= 0:
+            raise InputError(f"LoRA rank must be positive, got {r}")
         self.r, self.alpha, self.dropout_p = r, alpha, dropout
         self.scaling = alpha / r
         self.enabled = True
@@ -115,10 +117,10 @@ def adapter_names(model) -> list:
 def _check_targets(targets) -> tuple:
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if "lm_head" in targets:
-        raise ValueError("LoRA on lm_head is not supported: small Qwen ties it to the embedding (PITFALLS #3)")
+        raise InputError("LoRA on lm_head is not supported: small Qwen ties it to the embedding (PITFALLS #3)")
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
-        raise ValueError(f"unknown LoRA target(s) {unknown or targets}; valid targets: {list(TARGETS)}")
+        raise InputError(f"unknown LoRA target(s) {unknown or targets}; valid targets: {list(TARGETS)} (--lora-targets)")
     return targets
 
 
@@ -279,10 +281,10 @@ def read_adapter_config(adapter_dir) -> dict:
         raise FileNotFoundError(f"no {CONFIG_FILE} in {adapter_dir}")
     config = json.loads(config_file.read_text())
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{config_file}: peft_type {config.get('peft_type')!r} is not 'LORA'")
+        raise InputError(f"{config_file}: peft_type {config.get('peft_type')!r} is not 'LORA'")
     unsupported = {k: config[k] for k in UNSUPPORTED if config.get(k) not in (None, False, "none", {}, [])}
     if unsupported:
-        raise ValueError(f"{config_file}: unsupported LoRA option(s) {unsupported}")
+        raise InputError(f"{config_file}: unsupported LoRA option(s) {unsupported}")
     return config
 
 
@@ -296,8 +298,9 @@ def load_adapter(model, path, name=None, trainable=False) -> list:
     Returns:
         the wrapped modules' names
     Raises:
-        KeyError: a tensor missing from adapter_model.safetensors, or one that matches no module
-        ValueError: a tensor of the wrong shape, an unsupported config option, a name already in use
+        InputError: a tensor missing from adapter_model.safetensors, one that matches no module, one of the wrong
+            shape, an unsupported config option
+        ValueError: a name already in use
     """
     try:
         adapter_dir = resolve_model_dir(path)
@@ -310,7 +313,7 @@ def load_adapter(model, path, name=None, trainable=False) -> list:
     tensors = load_file(str(weights_file))
     module_names = [n for n, _ in _linears(model) if _peft_matches(n, config["target_modules"])]
     if not module_names:
-        raise ValueError(f"{adapter_dir}: target_modules {config['target_modules']} match no decoder layer")
+        raise InputError(f"{adapter_dir}: target_modules {config['target_modules']} match no decoder layer")
     r = config["r"]
     expected = {}  # key -> shape
     for n in module_names:
@@ -319,15 +322,15 @@ def load_adapter(model, path, name=None, trainable=False) -> list:
         expected[f"{PEFT_PREFIX}{n}.lora_B.weight"] = (layer.out_features, r)
     for key, shape in expected.items():  # check everything before touching the model
         if key not in tensors:
-            raise KeyError(f"{weights_file}: missing tensor {key!r}")
+            raise InputError(f"{weights_file}: missing tensor {key!r}")
         if tuple(tensors[key].shape) != shape:
-            raise ValueError(f"{weights_file}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
+            raise InputError(f"{weights_file}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
                              f"model and r={r} expect {shape}")
     unexpected = [k for k in tensors if k not in expected]
     if unexpected:
         hint = " (LoRA on lm_head/embeddings is not supported)" if any("lm_head" in k or "embed" in k
                                                                         for k in unexpected) else ""
-        raise KeyError(f"{weights_file}: unexpected tensors {unexpected[:5]}{hint}")
+        raise InputError(f"{weights_file}: unexpected tensors {unexpected[:5]}{hint}")
     name = name or "default"
     _add_adapter(model, name, module_names, r, config["lora_alpha"], config.get("lora_dropout") or 0.0)
     with torch.no_grad():

@@ -4,6 +4,7 @@ Losses for SFT and DPO, computed from the model's final hidden states.
 Everything goes through one log-prob function (the `_get_batch_logps` idea of the original DPO code):
 
     token_logps     log p(target | hidden) for n rows, chunked so the [n, V] logits never exist at once
+    token_logp_sum  their sum, with its gradients made in the same pass over the lm_head (SFT)
     masked_logps    next-token shift + loss mask -> log-probs of the trained tokens only
     sft_loss        -sum(logp) / num_tokens                      (SFT)
     sequence_logps  per-sequence sum of response log-probs       (DPO policy/reference, reward checks)
@@ -17,6 +18,8 @@ tokens that are never trained. We select the trained positions first and project
 
 import torch
 import torch.nn.functional as F
+
+from nanoalign.errors import InputError
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -71,6 +74,58 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
+class _ChunkedLogpSum(torch.autograd.Function):
+    """sum_i log_softmax(hidden @ weight.T)[i, targets[i]], its gradients made in forward: one pass over the lm_head.
+
+    The upstream gradient of a sum is one scalar, so each chunk's gradient (onehot(target) - softmax, times weight
+    and times hidden) is computed while its logits are at hand, and backward only scales it: no logits recomputed.
+    Costs the [n, d] grad_hidden and an fp32 [V, d] grad_weight held from forward to backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        n, acc = hidden.shape[0], torch.promote_types(hidden.dtype, torch.float32)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight else None  # frozen lm_head: skip
+        with torch.autocast(hidden.device.type, enabled=False):  # inputs were cast by token_logp_sum already
+            for s in range(0, n, chunk_size):
+                e = min(s + chunk_size, n)
+                h, t = hidden[s:e], targets[s:e, None]
+                logits = (h @ weight.T).to(acc)  # [c, V]
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [c, 1]
+                total += (logits.gather(1, t) - lse).sum()
+                # d(sum logp)/d logits = onehot(target) - softmax, built in place on the logits buffer
+                grad_logits = logits.sub_(lse).exp_().neg_()
+                grad_logits.scatter_add_(1, t, torch.ones_like(lse))
+                grad_logits = grad_logits.to(hidden.dtype)
+                if need_hidden:
+                    grad_hidden[s:e] = grad_logits @ weight  # [c, d]
+                if need_weight:
+                    grad_weight += grad_logits.T @ h  # [V, d], fp32 accumulation across chunks
+                del logits, grad_logits
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def _lm_head_dtype(hidden, weight):
+    """The matmul dtype: autocast's when it is on (as autocast would do), else the weight's (cast the small hidden)."""
+    device_type = hidden.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+
+
 def token_logps(hidden, weight, targets, chunk_size=1024):
     """Log-prob of each target token under the lm_head, computed chunk_size rows at a time.
 
@@ -89,12 +144,23 @@ def token_logps(hidden, weight, targets, chunk_size=1024):
     """
     assert hidden.dim() == 2 and targets.shape == hidden.shape[:1], f"{hidden.shape=} {targets.shape=}"
     assert chunk_size > 0, f"{chunk_size=}"
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = weight.dtype  # cast the small hidden, not the big weight
+    dtype = _lm_head_dtype(hidden, weight)
     return _ChunkedTokenLogps.apply(hidden.to(dtype), weight.to(dtype), targets, chunk_size)
+
+
+def token_logp_sum(hidden, weight, targets, chunk_size=1024):
+    """sum(token_logps(hidden, weight, targets)), its gradients computed in forward in the same chunked pass.
+
+    For losses that are a scalar times this sum (SFT): half the lm_head matmuls of token_logps' forward +
+    recompute-in-backward. With no gradient wanted (eval, no_grad) it is token_logps(...).sum().
+    Returns: 0-dim float32 (float64 for float64 inputs).
+    """
+    assert hidden.dim() == 2 and targets.shape == hidden.shape[:1], f"{hidden.shape=} {targets.shape=}"
+    assert chunk_size > 0, f"{chunk_size=}"
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        return token_logps(hidden, weight, targets, chunk_size).sum()
+    dtype = _lm_head_dtype(hidden, weight)
+    return _ChunkedLogpSum.apply(hidden.to(dtype), weight.to(dtype), targets, chunk_size)
 
 
 def masked_logps(hidden, weight, input_ids, loss_mask, chunk_size=1024):
@@ -108,15 +174,19 @@ def masked_logps(hidden, weight, input_ids, loss_mask, chunk_size=1024):
     Returns:
         logps: [n] float32, n = number of trained targets; rows: [n] batch index of each.
     """
-    assert input_ids.shape == loss_mask.shape == hidden.shape[:2], f"{hidden.shape=} {input_ids.shape=} {loss_mask.shape=}"
-    rows, cols = loss_mask[:, 1:].bool().nonzero(as_tuple=True)  # [n], [n]
-    h = hidden[:, :-1][rows, cols]  # [n, d]
-    targets = input_ids[:, 1:][rows, cols]  # [n]
+    h, targets, rows = _trained(hidden, input_ids, loss_mask)
     return token_logps(h, weight, targets, chunk_size), rows
 
 
+def _trained(hidden, input_ids, loss_mask):
+    """-> hidden [n, d], targets [n], rows [n] of the n trained targets (next-token shift applied)."""
+    assert input_ids.shape == loss_mask.shape == hidden.shape[:2], f"{hidden.shape=} {input_ids.shape=} {loss_mask.shape=}"
+    rows, cols = loss_mask[:, 1:].bool().nonzero(as_tuple=True)  # [n], [n]
+    return hidden[:, :-1][rows, cols], input_ids[:, 1:][rows, cols], rows
+
+
 def sft_loss(hidden, weight, input_ids, loss_mask, num_tokens=None, chunk_size=1024):
-    """Sum of -log p over the trained tokens, divided by num_tokens.
+    """Sum of -log p over the trained tokens, divided by num_tokens (one pass over the lm_head: token_logp_sum).
 
     Under gradient accumulation and DDP pass num_tokens = the GLOBAL number of trained tokens in the whole optimizer
     step (all micro-batches, all ranks; all_reduce the counts first), and multiply the loss by world_size since DDP
@@ -131,13 +201,13 @@ def sft_loss(hidden, weight, input_ids, loss_mask, num_tokens=None, chunk_size=1
     Raises:
         ValueError: if loss_mask selects no token or num_tokens is not positive (an empty mask is a bug, PITFALLS #1).
     """
-    logps, _ = masked_logps(hidden, weight, input_ids, loss_mask, chunk_size)
-    if logps.numel() == 0:
+    h, targets, _ = _trained(hidden, input_ids, loss_mask)
+    if targets.numel() == 0:
         raise ValueError("loss_mask selects no trained token (all-zero assistant mask?)")
-    num_tokens = logps.numel() if num_tokens is None else num_tokens
+    num_tokens = targets.numel() if num_tokens is None else num_tokens
     if num_tokens <= 0:
         raise ValueError(f"num_tokens must be positive, got {num_tokens}")
-    return -logps.sum() / num_tokens
+    return -token_logp_sum(h, weight, targets, chunk_size) / num_tokens
 
 
 def sequence_logps(hidden, weight, input_ids, loss_mask, chunk_size=1024):
@@ -167,7 +237,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     """
     logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
     if loss_type != "sigmoid" and label_smoothing != 0.0:
-        raise ValueError(f"label_smoothing is only defined for loss_type='sigmoid', got {loss_type!r}")
+        raise InputError(f"--label-smoothing is only defined for loss_type='sigmoid', got {loss_type!r}")
     if loss_type == "sigmoid":
         losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
                   - F.logsigmoid(-beta * logits) * label_smoothing)

@@ -7,6 +7,7 @@ different config.json: tied or untied embeddings, grouped-query attention, q/k/v
     model = load_model("Qwen/Qwen2.5-0.5B", dtype=torch.bfloat16, device="cuda")
     logits = model(input_ids)                       # [b, t, vocab]
     hidden = model(input_ids, return_hidden=True)   # [b, t, d]: losses apply lm_head in chunks
+    hidden = model(packed_ids, document_ids=doc_ids, return_hidden=True)  # packed rows, one document each run
 """
 import json
 import shutil
@@ -18,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
+
+from nanoalign.errors import InputError
 
 SUPPORTED = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -48,18 +51,20 @@ class ModelConfig:
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        assert self.num_attention_heads % self.num_key_value_heads == 0, "heads must be a multiple of kv heads"
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise InputError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
 
     @classmethod
     def from_hf(cls, d: dict, source="config.json") -> "ModelConfig":
         model_type = d.get("model_type")
         if model_type not in SUPPORTED:
-            raise ValueError(f"{source}: unsupported model_type {model_type!r} (nanoalign supports {sorted(SUPPORTED)})")
+            raise InputError(f"{source}: unsupported model_type {model_type!r} (nanoalign supports {sorted(SUPPORTED)})")
         if d.get("use_sliding_window"):
-            raise ValueError(f"{source}: use_sliding_window=true is not supported")
+            raise InputError(f"{source}: use_sliding_window=true is not supported")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}  # transformers 5 / 4 spelling
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"{source}: rope scaling {rope} is not supported")
+            raise InputError(f"{source}: rope scaling {rope} is not supported")
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names and v is not None}
         if "rope_theta" in rope:
@@ -70,7 +75,7 @@ class ModelConfig:
         kw["torch_dtype"] = str(d.get("torch_dtype") or d.get("dtype") or "float32")
         required = [f.name for f in fields(cls) if f.name in REQUIRED and f.name not in kw]
         if required:
-            raise ValueError(f"{source}: missing field(s) {required}")
+            raise InputError(f"{source}: missing field(s) {required}")
         return cls(**kw)
 
     def to_hf(self, architecture=None) -> dict:
@@ -177,6 +182,9 @@ class Attention(nn.Module):
             cache.v[layer_idx][:, :, cache.pos:cache.pos + t] = v
             k, v = cache.k[layer_idx], cache.v[layer_idx]
         gqa = self.n_kv != self.n_head
+        if isinstance(mask, Documents):  # packed rows: attention confined to each document
+            y = mask.attend(q, k, v, gqa)
+            return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
         if gqa and mask is not None and t > 1:
             # SDPA's fused kernels that take a mask want equal head counts (else it falls back to the math kernel);
             # one-token decode steps and unmasked training keep native GQA
@@ -225,6 +233,78 @@ def attention_mask_4d(attention_mask, cache: KVCache | None):
     return (causal & keys[:, None, :] | (k_slot == q_slot))[:, None]        # [b, 1, t, s]
 
 
+# -----------------------------------------------------------------------------
+# Packed rows: several documents (conversations) in one row, each attending only to itself
+
+PACKED_ATTENTION = ("sdpa", "flex", "varlen")
+_compiled_flex = None
+
+
+def document_positions(document_ids):
+    """Positions restarting at 0 at each document: [b, t] ids -> [b, t] positions (no host sync)."""
+    t = document_ids.shape[1]
+    idx = torch.arange(t, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(-1).values
+
+
+class Documents:
+    """The attention mask of packed rows: causal within a document, nothing across documents.
+
+    document_ids [b, t]: equal ids = one document; a document is one contiguous run of a row (a row's padding
+    tail is a document of its own). `impl` picks the kernel (all give the same result):
+      sdpa    boolean block-diagonal causal mask [b, 1, t, t] into SDPA (any device; O(t^2) mask memory)
+      flex    FlexAttention with a BlockMask that skips the blocks between documents (compiled on CUDA)
+      varlen  flash attention over the flattened rows cut at document starts (CUDA only, no mask at all)
+    """
+
+    def __init__(self, document_ids, impl="sdpa"):
+        assert impl in PACKED_ATTENTION, f"packed attention must be one of {PACKED_ATTENTION}, got {impl!r}"
+        b, t = document_ids.shape
+        self.impl, dev = impl, document_ids.device
+        if impl == "sdpa":
+            causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+            self.mask = ((document_ids[:, :, None] == document_ids[:, None, :]) & causal)[:, None]  # [b, 1, t, t]
+        elif impl == "flex":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def same_document_causal(b, h, q, k):
+                return (document_ids[b, q] == document_ids[b, k]) & (k <= q)
+            self.mask = create_block_mask(same_document_causal, b, None, t, t, device=dev)
+        else:
+            starts = torch.ones(b, t, dtype=torch.bool, device=dev)
+            starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+            at = starts.flatten().nonzero().flatten()
+            self.cu_seqlens = torch.cat([at, at.new_tensor([b * t])]).to(torch.int32)  # [docs + 1]
+            self.max_len = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())  # one host sync per forward
+
+    def attend(self, q, k, v, gqa):  # q [b, n_head, t, hd], k/v [b, n_kv, t, hd] -> [b, n_head, t, hd]
+        if self.impl == "sdpa":
+            if gqa:  # SDPA's fused kernels that take a mask want equal head counts
+                k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        if self.impl == "flex":
+            return _flex_attention(q.device)(q, k, v, block_mask=self.mask, enable_gqa=gqa)
+        from torch.nn.attention.varlen import varlen_attn
+        b, h, t, hd = q.shape
+        flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], hd) for x in (q, k, v)]  # [b*t, heads, hd]
+        y = varlen_attn(*flat, self.cu_seqlens, self.cu_seqlens, self.max_len, self.max_len,
+                        window_size=(-1, 0), enable_gqa=gqa)
+        return y.view(b, t, h, hd).transpose(1, 2)
+
+
+def _flex_attention(device):
+    """flex_attention, compiled on CUDA (eager flex runs a slow reference path; fine for CPU tests)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+    if device.type != "cuda":
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
 class Decoder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -233,8 +313,14 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        self.packed_attention = "sdpa"  # kernel for document_ids (see Documents)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache: KVCache | None = None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache: KVCache | None = None,
+                document_ids=None):
+        if document_ids is not None:  # packed rows (training): no padding mask, no cache
+            assert attention_mask is None and kv_cache is None, "document_ids is for packed training rows"
+            position_ids = document_positions(document_ids) if position_ids is None else position_ids
+            return self._run(input_ids, position_ids, Documents(document_ids, self.packed_attention), None)
         b, t = input_ids.shape
         # no mask, no cache (training on right-padded batches): plain causal attention, flash path, no host sync
         padded = kv_cache is not None or (attention_mask is not None and not bool(attention_mask.all()))
@@ -247,6 +333,13 @@ class Decoder(nn.Module):
             seen = kv_cache.seen[:, None] if kv_cache is not None else 0
             position_ids = (seen + attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         mask = attention_mask_4d(attention_mask, kv_cache) if padded else None
+        x = self._run(input_ids, position_ids, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += t
+            kv_cache.seen += attention_mask.long().sum(-1)
+        return x
+
+    def _run(self, input_ids, position_ids, mask, kv_cache):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
@@ -254,9 +347,6 @@ class Decoder(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, kv_cache, i, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache, i)
-        if kv_cache is not None:
-            kv_cache.pos += t
-            kv_cache.seen += attention_mask.long().sum(-1)
         return self.norm(x)
 
 
@@ -277,8 +367,9 @@ class CausalLM(nn.Module):
     def gradient_checkpointing(self, on):
         self.model.gradient_checkpointing = on
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, return_hidden=False):
-        hidden = self.model(input_ids, attention_mask, position_ids, kv_cache)  # [b, t, d]
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, return_hidden=False,
+                document_ids=None):
+        hidden = self.model(input_ids, attention_mask, position_ids, kv_cache, document_ids)  # [b, t, d]
         return hidden if return_hidden else self.lm_head(hidden)
 
     def init_weights(self, std=0.02, seed=0):
@@ -323,13 +414,13 @@ def load_weights(module: nn.Module, tensors: dict, source, dtype, device, option
         if name not in tensors:
             if name in optional:
                 continue
-            raise KeyError(f"{source}: missing tensor {name!r}")
+            raise InputError(f"{source}: missing tensor {name!r}")
         if tensors[name].shape != want.shape:
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+            raise InputError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                              f"config expects {tuple(want.shape)}")
     unexpected = [k for k in tensors if k not in expected and "rotary_emb" not in k and k not in optional]
     if unexpected:
-        raise KeyError(f"{source}: unexpected tensors {unexpected[:5]} (is this the right architecture?)")
+        raise InputError(f"{source}: unexpected tensors {unexpected[:5]} (is this the right architecture?)")
     state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items() if k in expected}
     module.load_state_dict(state, strict=False, assign=True)
 

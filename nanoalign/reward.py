@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from nanoalign import toy
+from nanoalign.errors import InputError
 from nanoalign.chat import IM_END, IM_START, QWEN_SYSTEM, load_chat
 from nanoalign.model import Decoder, ModelConfig, load_weights, read_safetensors_dir, resolve_model_dir
 
@@ -46,14 +47,25 @@ def load_reward(spec: str, **kw):
     unknown = set(kw) - {name for b in backends for name in inspect.signature(b).parameters}
     if unknown:
         raise TypeError(f"load_reward: unknown argument(s) {sorted(unknown)}")
-    if spec == "toy":
-        cls, args = RuleReward, ()
-    elif spec == "http" or spec.startswith(("http://", "https://")):
-        cls, args = HttpReward, (NVIDIA_BASE_URL if spec == "http" else spec,)
-    else:
-        cls, args = LocalRewardModel, (spec,)
+    cls, args = _backend(spec)
     taken = inspect.signature(cls).parameters
     return cls(*args, **{k: v for k, v in kw.items() if k in taken})
+
+
+def _backend(spec: str):
+    """The backend class of `spec` and its positional arguments."""
+    if spec == "toy":
+        return RuleReward, ()
+    if spec == "http" or spec.startswith(("http://", "https://")):
+        return HttpReward, (NVIDIA_BASE_URL if spec == "http" else spec,)
+    return LocalRewardModel, (spec,)
+
+
+def prompt_check(spec: str):
+    """What the backend of `spec` needs from a prompt, without loading it: a function(messages) that raises
+    InputError for a prompt whose answers it cannot score, or None (it scores any prompt). Scripts run it on every
+    prompt before sampling, so an ungradable prompt fails at once instead of after a sampled batch."""
+    return getattr(_backend(spec)[0], "check_prompt", None)
 
 
 def _check_batch(prompts, responses, ids):
@@ -63,6 +75,8 @@ def _check_batch(prompts, responses, ids):
 
 class RuleReward:
     """The built-in offline task's rule (nanoalign.toy.reward): 1.0 exact answer, 0.5, 0.1 or 0.0."""
+
+    check_prompt = staticmethod(toy.check_prompt)
 
     def score(self, prompts, responses, ids=None) -> list[float]:
         _check_batch(prompts, responses, ids)
@@ -127,7 +141,7 @@ def template_style(template: str | None, model_type: str) -> tuple[str, str | No
         print(f"reward model: no chat template found, formatting as {model_type} does by default")
         return ("qwen3", None) if model_type == "qwen3" else ("chatml", QWEN_SYSTEM)
     if IM_START not in template:
-        raise ValueError("reward model chat template is not ChatML (no <|im_start|>): only Qwen2/2.5/3 formats "
+        raise InputError("reward model chat template is not ChatML (no <|im_start|>): only Qwen2/2.5/3 formats "
                          "are supported")
     if "<think>" in template:
         return "qwen3", None
@@ -173,16 +187,16 @@ class LocalRewardModel:
         d = json.loads((model_dir / "config.json").read_text())
         arch = (d.get("architectures") or [None])[0]
         if arch not in SEQ_CLS_ARCHITECTURES:
-            raise ValueError(f"{model_dir}: architecture {arch!r} is not a reward model "
+            raise InputError(f"{model_dir}: architecture {arch!r} is not a reward model "
                              f"(expected one of {SEQ_CLS_ARCHITECTURES})")
         self.config = ModelConfig.from_hf(d, source=str(model_dir / "config.json"))
         tensors = read_safetensors_dir(model_dir)
         tensors.pop("lm_head.weight", None)
         if "score.weight" not in tensors:
-            raise KeyError(f"{model_dir}: no 'score.weight' tensor (not a sequence-classification checkpoint?)")
+            raise InputError(f"{model_dir}: no 'score.weight' tensor (not a sequence-classification checkpoint?)")
         num_labels = tensors["score.weight"].shape[0]
         if num_labels != 1:
-            raise ValueError(f"{model_dir}: score head has {num_labels} labels; a scalar reward model has 1")
+            raise InputError(f"{model_dir}: score head has {num_labels} labels; a scalar reward model has 1")
         with torch.device("meta"):
             self.model = SequenceClassifier(self.config, num_labels)
         load_weights(self.model, tensors, model_dir, dtype, device)
@@ -305,7 +319,7 @@ class HttpReward:
                  reserve=96):
         parts = urllib.parse.urlsplit(base_url)
         if parts.username or parts.password:
-            raise ValueError(f"credentials in the reward URL are not supported: put the key in ${api_key_env}")
+            raise InputError(f"credentials in the reward URL are not supported: put the key in ${api_key_env}")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.where = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") +
                                               "/chat/completions", "", ""))  # for messages: no query string

@@ -9,6 +9,7 @@ without one was cut by max_new_tokens (a truncated completion).
 """
 import torch
 
+from nanoalign.errors import InputError
 from nanoalign.model import KVCache
 
 # -----------------------------------------------------------------------------
@@ -26,7 +27,8 @@ def top_k_top_p_filter(logits, top_k=0, top_p=1.0):
     Returns:
         [b, V] logits, unchanged on the kept set and -inf elsewhere (the input itself when both are off).
     """
-    assert top_k >= 0 and 0.0 < top_p <= 1.0, f"bad top_k={top_k} / top_p={top_p}"
+    if not (top_k >= 0 and 0.0 < top_p <= 1.0):
+        raise InputError(f"need --top-k >= 0 and 0 < --top-p <= 1, got {top_k} / {top_p}")
     if top_k == 0 and top_p >= 1.0:
         return logits
     if top_k > 0:

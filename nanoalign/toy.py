@@ -14,6 +14,7 @@ import re
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from nanoalign.chat import ENDOFTEXT, IM_END, IM_START, QWEN25_CHAT_TEMPLATE, QWEN_SYSTEM
+from nanoalign.errors import InputError
 
 # Qwen2's pre-tokenizer split: \p{N} alone, so numbers are tokenised digit by digit (easy for a tiny model)
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -65,6 +66,13 @@ def _numbers(text: str) -> list[int]:
     return [int(n) for n in re.findall(r"\d+", text)]
 
 
+def check_prompt(prompt_messages: list[dict]):
+    """Raise InputError unless reward() can grade answers to this prompt: its last user message lists numbers."""
+    users = [m["content"] for m in prompt_messages if m["role"] == "user"]
+    if not users or not _numbers(users[-1]):
+        raise InputError("the toy reward cannot grade this prompt: its last user message has no numbers")
+
+
 def reward(prompt_messages: list[dict], response: str) -> float:
     """Rule-based grade in [0, 1]; the answer is re-derived from the numbers in the last user message.
 
@@ -73,6 +81,7 @@ def reward(prompt_messages: list[dict], response: str) -> float:
     0.1  some number of the list is given, but not (only) the largest one
     0.0  anything else, empty included
     """
+    check_prompt(prompt_messages)
     question = next(m["content"] for m in reversed(prompt_messages) if m["role"] == "user")
     nums = _numbers(question)
     answer = max(nums)

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -38,3 +39,9 @@ def make_hf_model_dir(out_dir, *, vocab_size=300, tied=True, model_type="qwen2",
 @pytest.fixture
 def hf_model_dir(tmp_path):
     return make_hf_model_dir(tmp_path / "hf")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tokenised_data_cache(tmp_path_factory):
+    """Scripts run by the tests cache tokenised datasets in a session dir, not in ~/.cache/nanoalign."""
+    os.environ["NANOALIGN_CACHE"] = str(tmp_path_factory.mktemp("nanoalign-cache"))

@@ -8,6 +8,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from conftest import make_hf_model_dir
+from nanoalign.errors import InputError
 from nanoalign.lora import (LoRALinear, adapter_names, adapters_disabled, add_lora, describe, load_adapter,
                             lora_parameters, merge_lora, save_adapter, trainable_parameters)
 from nanoalign.model import load_model, save_model
@@ -253,12 +254,12 @@ def test_clear_errors(hf_model_dir, tmp_path):
         load_adapter(load_model(hf_model_dir), out)
     save_file({k: v for k, v in tensors.items() if k != key}, out / "adapter_model.safetensors")
     fresh = load_model(hf_model_dir)
-    with pytest.raises(KeyError, match=f"missing tensor '{key}'"):
+    with pytest.raises(InputError, match=f"missing tensor '{key}'"):
         load_adapter(fresh, out)
     assert adapter_names(fresh) == []  # nothing was wrapped on the way to the error
     save_file({**tensors, "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64)},
               out / "adapter_model.safetensors")
-    with pytest.raises(KeyError, match=r"unexpected tensors .*\(LoRA on lm_head/embeddings is not supported\)"):
+    with pytest.raises(InputError, match=r"unexpected tensors .*\(LoRA on lm_head/embeddings is not supported\)"):
         load_adapter(load_model(hf_model_dir), out)
     config = json.loads((out / "adapter_config.json").read_text())
     (out / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))

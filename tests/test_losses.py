@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from nanoalign.losses import dpo_loss, dpo_metrics, masked_logps, sequence_logps, sft_loss, token_logps
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from nanoalign.losses import dpo_loss, dpo_metrics, masked_logps, sequence_logps, sft_loss, token_logp_sum, token_logps
 
 
 def reference_logps(hidden, weight, targets):
@@ -88,6 +90,72 @@ def test_token_logps_bf16_inputs_return_bf16_grads():
     assert out.dtype == torch.float32
     assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
     assert_close(out, reference_logps(hidden.detach(), weight.detach(), targets))  # same bf16 matmul, fp32 softmax
+
+
+# ----------------------------------------------------------------------------- token_logp_sum (one pass)
+
+
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 10, 1024])
+def test_token_logp_sum_matches_log_softmax_and_its_gradients(chunk_size):
+    hidden, weight, targets = random_inputs()
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = token_logp_sum(h1, w1, targets, chunk_size=chunk_size)
+    (out * -0.37).backward()  # a scalar upstream gradient other than 1 (the loss's -1 / num_tokens)
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = reference_logps(h2, w2, targets).sum()
+    (ref * -0.37).backward()
+    assert out.shape == () and out.dtype == torch.float32
+    assert_close(out, ref)
+    assert_close(h1.grad, h2.grad)
+    assert_close(w1.grad, w2.grad)
+
+
+def test_token_logp_sum_gradcheck_float64_and_frozen_weight():
+    hidden, weight, targets = random_inputs(n=5, d=4, V=7, dtype=torch.float64)
+    hidden.requires_grad_()
+    assert torch.autograd.gradcheck(lambda h, w: token_logp_sum(h, w, targets, chunk_size=2),
+                                    (hidden, weight.clone().requires_grad_()))
+    token_logp_sum(hidden, weight, targets, chunk_size=2).backward()
+    assert weight.grad is None and hidden.grad is not None
+
+
+def test_sft_loss_backward_runs_no_matmul():
+    """The lm_head gradients are made in forward (one pass): backward only scales them, so it runs no matmul
+    (the recomputing version ran 3 per chunk: logits, grad_hidden, grad_weight)."""
+    hidden, weight, input_ids, loss_mask = make_batch()
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    with CountMatmuls() as forward:
+        loss = sft_loss(hidden, weight, input_ids, loss_mask, chunk_size=4)  # 12 targets: 3 chunks
+    with CountMatmuls() as backward:
+        loss.backward()
+    assert forward.count == 9 and backward.count == 0, (forward.count, backward.count)
+    with torch.no_grad(), CountMatmuls() as no_grad:  # eval: logits only
+        sft_loss(hidden, weight, input_ids, loss_mask, chunk_size=4)
+    assert no_grad.count == 3
+
+
+def test_token_logp_sum_bf16_autocast_close_to_fp32():
+    hidden, weight, targets = random_inputs(n=12, d=16, V=50)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = token_logp_sum(h1, w1, targets, chunk_size=5)
+    out.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    reference_logps(h2, w2, targets).sum().backward()
+    assert h1.grad.dtype == w1.grad.dtype == torch.float32
+    assert_close(h1.grad, h2.grad, atol=0.05, rtol=0.05)
+    assert_close(w1.grad, w2.grad, atol=0.05, rtol=0.05)
 
 
 # ----------------------------------------------------------------------------- masked_logps / sft_loss

@@ -6,6 +6,7 @@ import torch
 import transformers
 
 from conftest import make_hf_model_dir
+from nanoalign.errors import InputError
 from nanoalign.model import KVCache, ModelConfig, load_config, load_model, save_model
 
 TOL = dict(atol=1e-4, rtol=0)
@@ -122,7 +123,7 @@ def test_clear_errors(tmp_path, hf_model_dir):
     tensors = load_file(hf_model_dir / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, hf_model_dir / "model.safetensors")
-    with pytest.raises(KeyError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+    with pytest.raises(InputError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
         load_model(hf_model_dir)
     config = json.loads((hf_model_dir / "config.json").read_text())
     config["intermediate_size"] = 100

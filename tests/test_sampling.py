@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import make_hf_model_dir
+from nanoalign.errors import InputError
 from nanoalign.model import load_model
 from nanoalign.sampling import generate, generate_texts, sample_next, top_k_top_p_filter
 
@@ -199,7 +200,7 @@ def test_edge_cases(model):
     assert generate(model, [], 4, (), PAD) == []
     with pytest.raises(AssertionError, match="at least one token"):
         generate(model, [[1], []], 4, (), PAD)
-    with pytest.raises(AssertionError, match="top_p"):
+    with pytest.raises(InputError, match="--top-p"):
         top_k_top_p_filter(torch.zeros(1, 3), 0, 0.0)
 
 

@@ -340,3 +340,22 @@ def test_eval_model_vs_stored_responses(setup, tmp_path):
     write_jsonl(path, stored[:3] + [{"prompt": stored[3]["prompt"], "answer": "7"}] + stored[4:])
     proc = evaluate(setup, tmp_path / "no_response", "--responses-b", path, check=False)
     assert proc.returncode != 0 and f"error: {path}:4: no `response` string in the row" in proc.stderr
+
+
+def test_ungradable_prompt_fails_before_sampling(setup, tmp_path):
+    """--reward toy on a prompt it cannot grade (no numbers): both scripts stop with one line naming the prompt's
+    file:line before any prompt is sampled or anything written (it used to fail after a sampled batch, with
+    `max() arg is an empty sequence`). Bad sampling flags fail the same way, in flag words."""
+    rows = [{"prompt": toy.make_prompt(random.Random(i), high=9)[0][0]["content"]} for i in range(4)]
+    rows[2] = {"prompt": "Tell me a joke."}
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    expected = f"error: {prompts}:3: the toy reward cannot grade this prompt: its last user message has no numbers"
+    runs = {"gen": gen(setup, tmp_path / "gen", "--prompts", prompts, "--reward", "toy", check=False),
+            "eval": evaluate(setup, tmp_path / "eval", "--model-b", setup["seven"], "--prompts", prompts, check=False)}
+    for name, proc in runs.items():
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == expected, (name, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and "to sample" not in proc.stdout and "to go" not in proc.stdout
+        assert not (tmp_path / name).exists()  # nothing sampled, nothing written
+    proc = gen(setup, tmp_path / "top_p", "--reward", "toy", "--top-p", 0, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == \
+        "error: need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1, got 0.8, 0, 0.0"

@@ -134,3 +134,21 @@ def test_tiny_config_builds_hf_qwen2():
     # embed 448*64; per layer q 64*64+64, k and v 64*32+32 each, o 64*64, mlp 3*64*176, 2 norms 64; final norm 64
     per_layer = 4160 + 2 * 2080 + 4096 + 3 * 64 * 176 + 128
     assert sum(p.numel() for p in model.parameters()) == 448 * 64 + 2 * per_layer + 64 == 121408
+
+
+def test_prompt_check_before_loading_a_backend():
+    """reward.prompt_check(spec) says what a backend needs from a prompt without loading it: the toy rule needs
+    numbers in the last user message (else reward() has nothing to take the max of); the others take any prompt."""
+    from nanoalign.reward import prompt_check
+    check = prompt_check("toy")
+    check([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+           {"role": "user", "content": "What is the largest number among 3, 12, 7?"}])
+    for bad in ([{"role": "user", "content": "What is the largest number among 3, 12, 7?"},
+                 {"role": "user", "content": "Tell me a joke."}],
+                [{"role": "system", "content": "Count to 3."}]):
+        with pytest.raises(ValueError, match="the toy reward cannot grade this prompt"):
+            check(bad)
+        with pytest.raises(ValueError, match="the toy reward cannot grade this prompt"):
+            reward(bad, "3")
+    assert prompt_check("http://127.0.0.1:1/v1") is None
+    assert prompt_check("Skywork/Skywork-Reward-V2-Qwen3-0.6B") is None  # nothing downloaded to say so

@@ -183,13 +183,27 @@ def test_ddp_and_accumulation_match_one_big_batch(setup, small, tmp_path):
     assert all(".lora_A." in k or ".lora_B." in k for k in read_weights(small / "big" / "final"))
 
 
+def used_pairs(setup, steps, global_batch, eval_frac=0.05):
+    """The pairs a run of `steps` steps sees (its global batches, cut by the data functions) plus the eval split."""
+    train_set, eval_set = splits(setup, eval_frac)
+    lengths = [len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) for ex in train_set]
+    batches = step_batches(lengths, global_batch, 1, 0, 1, 0)
+    return [train_set[i] for _ in range(steps) for i in next(batches)[0]] + eval_set
+
+
+def pair_keys(pairs):
+    return [hashlib.sha1(json.dumps([ex["prompt"], ex["chosen"], ex["rejected"]]).encode()).hexdigest() for ex in pairs]
+
+
 def test_precomputed_reference(setup, small, tmp_path):
-    """--precompute-ref: the same run as the in-loop reference; the file written by a 2-rank run holds every pair, is
-    reused as is (by any world size) and recomputed when the settings change."""
+    """--precompute-ref: the same run as the in-loop reference; only the pairs the run uses are computed (its steps x
+    the global batch, plus the eval split); a later, longer run (any world size) reuses the file and computes only
+    the pairs it adds; other settings make it stale."""
     out = tmp_path / "pre"
     # 2 ranks x 2 pairs with precomputed log-probs vs 1 rank x 4 pairs with the in-loop reference (DDP alone: above)
     proc = dpo(setup, out, *SMALL, "--batch-size", 2, "--precompute-ref", nproc=2)
-    assert "reference log-probs from" not in proc.stdout
+    assert "reference log-probs: 30 pairs used, 30 to compute" in proc.stdout, proc.stdout  # 3 x 4 + 18 eval
+    assert "reference log-probs of 30 pairs" in proc.stdout and "tokens/s" in proc.stdout
     rows, big = read_metrics(out), read_metrics(small / "big")
     assert len(rows) == 3
     for r, r_big in zip(rows, big):
@@ -199,24 +213,27 @@ def test_precomputed_reference(setup, small, tmp_path):
         assert rows[-1][k] == pytest.approx(big[-1][k], abs=1e-5), k
     assert max_weight_diff(read_weights(out / "final"), read_weights(small / "big" / "final")) < 1e-5
 
-    # one entry per pair, train and eval (each rank's eval shard included): the (chosen, rejected) log-probs of the
-    # plain model
-    cache = torch.load(out / "ref_logps.pt", weights_only=False)
-    train_set, eval_set = splits(setup, 0.05)
-    assert len(cache["logps"]) == len(train_set) + len(eval_set) == N_PAIRS
-    cached = torch.tensor(list(cache["logps"].values()), dtype=torch.float64)  # [n, 2]
-    expected = plain_logps(load_model(setup.model).eval(), train_set + eval_set)  # [n, 2]
-    nearest = (expected[:, None, :] - cached[None, :, :]).abs().amax(-1).amin(-1)  # [n]
-    assert nearest.max().item() < 1e-4
+    def check_cache(pairs):
+        """The file holds exactly these pairs, each with the (chosen, rejected) log-probs of the plain model."""
+        cache = torch.load(out / "ref_logps.pt", weights_only=False)["logps"]
+        assert sorted(cache) == sorted(set(pair_keys(pairs)))
+        cached = torch.tensor([cache[k] for k in pair_keys(pairs)], dtype=torch.float64)  # [n, 2]
+        assert (cached - plain_logps(load_model(setup.model).eval(), pairs)).abs().max().item() < 1e-4
 
-    # reused as is by a 1-rank run
-    proc = dpo(setup, out, "--max-steps", 1, "--eval-frac", 0.05, "--batch-size", 4, "--precompute-ref")
-    assert f"reference log-probs from {out / 'ref_logps.pt'}" in proc.stdout and "stale" not in proc.stdout
-    assert read_metrics(out)[-1]["loss"] == pytest.approx(LN2, abs=1e-5)
-    # another --max-len is another truncation: recomputed
+    used3 = used_pairs(setup, 3, 4)
+    assert len(set(pair_keys(used3))) == 30 < N_PAIRS
+    check_cache(used3)
+
+    # a longer run on 1 rank: the 30 pairs are reused, the 3 new steps' 12 pairs computed and added to the file
+    proc = dpo(setup, out, "--max-steps", 6, "--eval-frac", 0.05, "--batch-size", 4, "--precompute-ref")
+    assert "reference log-probs: 42 pairs used, 12 to compute" in proc.stdout and "stale" not in proc.stdout
+    assert "reference log-probs of 12 pairs" in proc.stdout, proc.stdout
+    assert read_metrics(out)[-6]["loss"] == pytest.approx(LN2, abs=1e-5)  # the cached reference is the model's
+    check_cache(used_pairs(setup, 6, 4))
+    # another --max-len is another truncation: stale, recomputed (only what this run uses)
     proc = dpo(setup, out, "--max-steps", 1, "--eval-frac", 0.05, "--batch-size", 4, "--precompute-ref",
                "--max-len", 768)
-    assert "stale" in proc.stdout and "reference log-probs from" not in proc.stdout, proc.stdout
+    assert "stale" in proc.stdout and "22 pairs used, 22 to compute" in proc.stdout, proc.stdout
     assert read_metrics(out)[-1]["loss"] == pytest.approx(LN2, abs=1e-5)
 
 
@@ -329,3 +346,22 @@ def test_human_and_synthetic_sources_are_mixed(setup, tmp_path):
     bad = run_script(SCRIPT, "--model", setup.model, "--data", setup.prefs, "--data-weights", "1,1", "--out",
                      tmp_path / "bad", *FP32, check=False)
     assert bad.returncode != 0 and "--data-weights has 2 values for 1 --data sources" in last_line(bad.stderr)
+
+
+def test_prompt_budget_defaults_to_half_of_max_len(setup, tmp_path):
+    """--max-len 512 alone runs: --max-prompt-len follows it (256) instead of failing against a fixed 512."""
+    dpo(setup, tmp_path / "short", "--max-len", 512, "--max-steps", 1, "--batch-size", 4, "--eval-frac", 0)
+    assert read_metrics(tmp_path / "short")[0]["loss"] == pytest.approx(LN2, abs=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--max-len", 512, "--max-prompt-len", 512), "--max-prompt-len 512 must be below --max-len 512 (responses need room too)"),
+    (("--batch-size", 200, "--grad-accum", 2),
+     "334 pairs are fewer than one global batch (--batch-size x --grad-accum x world size)"),
+    (("--loss-type", "ipo", "--label-smoothing", 0.1), "--label-smoothing needs --loss-type sigmoid"),
+])
+def test_argument_errors_name_the_flags(setup, tmp_path, args, message):
+    """An argument error is one line in the user's flag words, and comes before any training output."""
+    proc = dpo(setup, tmp_path / "out", "--eval-frac", 0.05, *args, check=False)
+    assert proc.returncode == 1 and last_line(proc.stderr) == f"error: {message}", proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "metrics.jsonl").exists()

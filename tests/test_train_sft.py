@@ -11,12 +11,13 @@ import torch.nn.functional as F
 
 from nanoalign import toy
 from nanoalign.chat import load_chat
-from nanoalign.data import read_records, sft_examples, split_holdout
+from nanoalign.data import pack, read_records, sft_examples, split_holdout
 from nanoalign.model import load_model
-from tests.fixtures import cached_toy_setup, max_weight_diff, read_metrics, read_weights, run_script, write_jsonl
+from tests.fixtures import ROOT, cached_toy_setup, max_weight_diff, read_metrics, read_weights, run_script, write_jsonl
 
 SCRIPT = "train_sft.py"
 FP32 = ("--device", "cpu", "--precision", "fp32")
+UNPACKED = ("--no-pack",)  # one conversation a row: batches counted in conversations
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +50,7 @@ def train(toy_setup, data, out, *args, nproc=1):
 def test_ddp_and_accumulation_match_one_big_batch(toy_setup, varied_sft, tmp_path):
     """Global batch of 4 conversations, split four ways: the same loss, grad norm, eval loss and final weights.
     (A per-micro-batch mean of means moves the weights ~4e-3 here; float noise ~1e-6.)"""
-    common = ("--max-steps", 3, "--lr", 1e-3, "--eval-frac", 0.25, "--eval-every", 0, "--save-every", 0)
+    common = ("--max-steps", 3, "--lr", 1e-3, "--eval-frac", 0.25, "--eval-every", 0, "--save-every", 0, *UNPACKED)
     splits = {  # name: (processes, batch size, accumulation steps)
         "1x4": (1, 4, 1), "ddp 2x2": (2, 2, 1), "1x2 accum 2": (1, 2, 2), "ddp 2x1 accum 2": (2, 1, 2)}
     runs = {name: train(toy_setup, varied_sft, tmp_path / str(i), "--batch-size", b, "--grad-accum", k, *common,
@@ -72,10 +73,32 @@ def test_ddp_and_accumulation_match_one_big_batch(toy_setup, varied_sft, tmp_pat
         assert max_weight_diff(w, weights["1x4"]) < 1e-5, name
 
 
+def test_packed_rows_match_padded_rows_and_ddp(toy_setup, varied_sft, tmp_path):
+    """--pack (the default): the 16 conversations packed into 12 rows of 160 tokens train to the same losses and
+    weights as the same conversations padded one a row, in one process and in two (each step is the whole epoch,
+    so every run sees the same conversations); and packing computes fewer positions."""
+    common = ("--max-steps", 2, "--lr", 1e-3, "--eval-frac", 0, "--save-every", 0, "--max-len", 160)
+    examples, _ = sft_examples(read_records(varied_sft), load_chat(toy_setup.model), 160)
+    assert len(examples) == 16 and len(pack([len(ex["ids"]) for ex in examples], 160, 0)) == 12
+    runs = {"padded": train(toy_setup, varied_sft, tmp_path / "padded", "--batch-size", 16, *common, *UNPACKED),
+            "packed": train(toy_setup, varied_sft, tmp_path / "packed", "--batch-size", 12, *common),
+            "packed ddp": train(toy_setup, varied_sft, tmp_path / "ddp", "--batch-size", 6, *common, nproc=2)}
+    ref = runs["padded"]
+    for name, rows in runs.items():
+        assert [r["trained_tokens"] for r in rows] == [r["trained_tokens"] for r in ref], name
+        for r, r_ref in zip(rows, ref):
+            assert r["loss"] == pytest.approx(r_ref["loss"], abs=1e-5), name
+            assert r["grad_norm"] == pytest.approx(r_ref["grad_norm"], rel=1e-4), name
+    weights = read_weights(tmp_path / "padded" / "final")
+    assert max_weight_diff(weights, read_weights(toy_setup.model)) > 1e-4
+    for name in ("packed", "ddp"):
+        assert max_weight_diff(read_weights(tmp_path / name / "final"), weights) < 1e-5, name
+
+
 def test_loss_goes_down_and_metrics(toy_setup, tmp_path):
     steps, lr, batch = 42, 3e-3, 8
     rows = train(toy_setup, toy_setup.sft, tmp_path / "out", "--max-steps", steps, "--lr", lr, "--batch-size", batch,
-                 "--eval-frac", 0.125, "--eval-every", 0, "--save-every", 0)
+                 "--eval-frac", 0.125, "--eval-every", 0, "--save-every", 0, *UNPACKED)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     keys = {"step", "loss", "lr", "grad_norm", "trained_tokens", "tokens_per_s"}
     assert all(set(r) == keys for r in rows[:-1]) and set(rows[-1]) == keys | {"eval_loss"}
@@ -108,7 +131,8 @@ def test_loss_goes_down_and_metrics(toy_setup, tmp_path):
 
 
 def test_resume_is_exact(toy_setup, tmp_path):
-    args = ("--max-steps", 6, "--lr", 1e-2, "--batch-size", 4, "--eval-frac", 0, "--save-every", 3)
+    """Packed rows (the default; ~2 toy conversations a row of 128 tokens) resume exactly too."""
+    args = ("--max-steps", 6, "--lr", 1e-2, "--batch-size", 4, "--eval-frac", 0, "--save-every", 3, "--max-len", 128)
     full = train(toy_setup, toy_setup.sft, tmp_path / "full", *args)
     assert (tmp_path / "full" / "ckpt-3" / "train_state_rank0.pt").exists()
     # an interrupted run: only ckpt-3 made it to disk; `--resume auto` must find it and go on from step 3
@@ -154,7 +178,7 @@ def test_help():
 
 def test_lora_sft_trains_only_the_adapter_and_resumes(toy_setup, tmp_path):
     """--lora: the final dir is a PEFT adapter, the base weights are untouched, and resuming is exact here too."""
-    args = ("--max-steps", 4, "--lr", 1e-2, "--batch-size", 4, "--eval-frac", 0, "--save-every", 2, "--lora",
+    args = ("--max-steps", 4, "--lr", 1e-2, "--batch-size", 4, "--eval-frac", 0, "--save-every", 2, *UNPACKED, "--lora",
             "--lora-r", 4, "--lora-alpha", 8, "--lora-dropout", 0)
     full = train(toy_setup, toy_setup.sft, tmp_path / "full", *args)
     final = tmp_path / "full" / "final"
@@ -173,5 +197,41 @@ def test_lora_sft_trains_only_the_adapter_and_resumes(toy_setup, tmp_path):
 def test_fp16_autocast_with_grad_scaler(toy_setup, tmp_path):
     """--precision fp16 (the seeds' 4090 runs) goes through the GradScaler path and still learns."""
     rows = train(toy_setup, toy_setup.sft, tmp_path / "fp16", "--device", "cpu", "--precision", "fp16",
-                 "--max-steps", 8, "--lr", 1e-2, "--batch-size", 8, "--eval-frac", 0, "--save-every", 0)
+                 "--max-steps", 8, "--lr", 1e-2, "--batch-size", 8, "--eval-frac", 0, "--save-every", 0, *UNPACKED)
     assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_default_precision_on_cpu_is_fp32(toy_setup, tmp_path):
+    """No --precision on a CPU: fp32 (bf16 autocast is emulated there, many times slower), said in the log and
+    recorded with the run's settings in the checkpoint."""
+    out = tmp_path / "default"
+    proc = run_script(SCRIPT, "--model", toy_setup.model, "--data", toy_setup.sft, "--out", out, "--device", "cpu",
+                      "--max-steps", 1, "--batch-size", 1, "--eval-frac", 0, "--save-every", 1)
+    assert "precision: fp32 (the default on cpu" in proc.stdout
+    state = torch.load(out / "ckpt-1" / "train_state_rank0.pt", weights_only=False)
+    assert state["args"]["precision"] == "fp32"
+
+
+def test_eval_frac_error_names_the_flag(toy_setup, tmp_path):
+    proc = run_script(SCRIPT, "--model", toy_setup.model, "--data", toy_setup.sft, "--out", tmp_path / "out", *FP32,
+                      "--eval-frac", 1, check=False)
+    assert proc.returncode == 1 and last_line(proc.stderr) == "error: --eval-frac must be in [0, 1), got 1.0"
+
+
+def test_bad_input_is_one_line_a_bug_keeps_its_traceback(toy_setup, tmp_path):
+    """one_line_errors: an InputError (here a flag combination) is one line on stderr; a KeyError from inside our
+    code (injected into data.sft_rows, as a bug would raise it) is not bad input and keeps its traceback."""
+    import subprocess
+    import sys
+    args = ["--model", str(toy_setup.model), "--data", str(toy_setup.sft), "--out", str(tmp_path / "out"), *FP32]
+    bad = run_script(SCRIPT, *args, "--batch-size", 1000, "--no-pack", check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+        "error: 63 conversations are fewer than one global batch (--batch-size x --grad-accum x world size)"], bad.stderr
+    inject = ("import runpy, sys; import nanoalign.data as data\n"
+              "def buggy(*a, **k): return {}['ids']\n"
+              "data.sft_rows = buggy\n"
+              f"sys.argv = [{SCRIPT!r}] + {args + ['--data-cache', '']!r}\n"  # tokenise now, not from the cache
+              f"runpy.run_path({SCRIPT!r}, run_name='__main__')\n")
+    bug = subprocess.run([sys.executable, "-c", inject], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bug.returncode != 0 and "Traceback" in bug.stderr and "KeyError: 'ids'" in bug.stderr, bug.stderr[-2000:]
+    assert "in buggy" in bug.stderr  # the traceback reaches the line that raised
