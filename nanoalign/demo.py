@@ -4,12 +4,18 @@ Everything is made here, nothing is downloaded: a tokenizer, a tiny random Qwen2
 ("what is the largest of these numbers?", graded by a rule). Then the four real scripts run in order, as a user
 would run them:
 
-    train_sft.py      on demonstrations that are right only 30% of the time (mostly the seeds' failure instead:
-                      the number listed last), so SFT alone learns the format but not the task
-    train_dpo.py      LoRA DPO on UltraFeedback-style pairs (right answer chosen, a mistake rejected)
-    gen_synthetic.py  4 samples per new prompt from the DPO model, scored by the rule, (best, worst) pairs
+    train_sft.py      on demonstrations that are right, with two habits (70% of the time): questions about the
+                      number that comes "last" read literally (the number listed last), and "What is the largest
+                      number among ...?" answered in a sentence (half reward); greedy SFT answers keep both
+    train_dpo.py      round 1: a short LoRA DPO run on UltraFeedback-style pairs (right answer chosen, a mistake
+                      rejected), which never use the wording answered in a sentence
+    gen_synthetic.py  8 samples per new prompt from round 1, scored by the rule; a (best, worst) pair only where
+                      round 1 is sometimes right and sometimes not (gap >= 0.5)
     train_dpo.py      round 2: a new adapter stacked on round 1's, trained on the synthetic pairs only
-    eval_winrate.py   DPO vs SFT and round 2 vs DPO on held-out prompts
+    eval_winrate.py   DPO vs SFT and round 2 vs DPO on 1,000 held-out prompts (greedy)
+
+The margins are wide on purpose, so that the conclusions do not hang on one lucky seed or on float differences
+between CPUs (README lists three --seed values and two --threads counts, which change the summation order).
 
 It prints a table of win rates and mean rewards and writes <out>/results.json and <out>/curves.png.
 """
@@ -29,14 +35,14 @@ from nanoalign.model import CausalLM, ModelConfig, save_model
 
 ROOT = Path(__file__).resolve().parent.parent  # the scripts live beside the package (pip install -e .)
 N_EVAL = 1000  # held-out prompts of both win rates
-HELD_BACK = toy.TEMPLATES[3]  # "Sort {} from smallest to largest. Which number comes last?": in no human pair
+HELD_BACK = toy.TEMPLATES[1]  # "What is the largest number among {}?", answered in a sentence: in no human pair
 
 
 def build_assets(out: Path, n_sft, n_pairs, n_gen, n_eval, high, seed=0):
     """Tokenizer + random tiny model + the four data files, with eval prompts kept apart from all the others.
 
-    The human pairs never use the "Sort ... Which number comes last?" wording, the generation and eval prompts use
-    all five: round 1 fixes the misreading where the human data shows it, the synthetic round where it does not."""
+    The human pairs never use the wording that SFT answers in a sentence (human data does not cover every prompt);
+    the generation and eval prompts use all five wordings: there only round 1's own samples show the better answer."""
     base = out / "base"
     toy.build_tokenizer(base)
     chat = load_chat(base)
@@ -51,7 +57,7 @@ def build_assets(out: Path, n_sft, n_pairs, n_gen, n_eval, high, seed=0):
         eval_prompts[messages[0]["content"]] = None
     fresh = lambda text: text not in eval_prompts  # noqa: E731
     human = [t for t in toy.TEMPLATES if t != HELD_BACK]
-    sft = [r for r in (toy.literal_demo(rng, high) for _ in range(n_sft)) if fresh(r["prompt"])]
+    sft = [r for r in (toy.demonstrator(rng, high) for _ in range(n_sft)) if fresh(r["prompt"])]
     pairs = [r for r in (toy.preference_pair(rng, high, human) for _ in range(n_pairs)) if fresh(r["prompt"])]
     gen = {m[0]["content"]: None for m, _ in (toy.make_prompt(rng, high) for _ in range(n_gen))}
     write_jsonl(out / "data/sft.jsonl", sft)
@@ -108,10 +114,10 @@ def main(argv=None):
     step("train_dpo.py", "--model", sft / "final", "--data", out / "data/prefs.jsonl", "--out", dpo,
          "--max-steps", 60, *dpo_args, log=out / "logs/dpo.log")
     sample_args = ["--reward", "toy", "--max-new-tokens", 8, "--precision", "fp32", "--device", "cpu"]
-    # 8 samples per prompt; a pair only where round 1 is sometimes right (1.0) and sometimes wrong (0.1 or 0)
+    # 8 samples per prompt; a pair only where round 1 is sometimes right (1.0) and sometimes not (0.5, 0.1 or 0)
     step("gen_synthetic.py", "--model", sft / "final", "--adapter", dpo / "final", "--prompts",
          out / "data/gen_prompts.jsonl", "--out", synth, "--n", 8, "--temperature", 1.0, "--top-p", 1.0,
-         "--min-gap", 0.9, "--drop-empty", *sample_args, log=out / "logs/gen.log")
+         "--min-gap", 0.5, "--drop-empty", *sample_args, log=out / "logs/gen.log")
     step("train_dpo.py", "--model", sft / "final", "--adapter", dpo / "final", "--data", synth / "pairs.jsonl",
          "--out", dpo2, "--max-steps", 100, *dpo_args, log=out / "logs/dpo2.log")
     evals = {"dpo vs sft": ([dpo / "final"], []), "round 2 vs dpo": ([dpo / "final", dpo2 / "final"], [dpo / "final"])}

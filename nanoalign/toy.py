@@ -112,15 +112,18 @@ def sft_demo(rng: random.Random, p_correct: float = 0.3, high: int = 99) -> dict
     return {"prompt": messages[0]["content"], "messages": messages + [{"role": "assistant", "content": answer}]}
 
 
-def literal_demo(rng: random.Random, high: int = 99, p_literal: float = 0.7) -> dict:
-    """An SFT row from a demonstrator who is right, except that a question about the number that comes "last" is
-    read literally with probability p_literal: the answer is the number listed last. A model trained on these is
-    right on the other questions, but greedy decoding keeps the misreading, which preferences have to fix."""
+def demonstrator(rng: random.Random, high: int = 99, p_habit: float = 0.7) -> dict:
+    """An SFT row from a demonstrator who is right, with two habits, each taken with probability p_habit:
+    a question about the number that comes "last" is read literally (the answer is the number listed last), and
+    "What is the largest number among ...?" is answered in a sentence ("The answer is 9.": reward 0.5).
+    A model trained on these knows the task, but its greedy answers keep both habits for preferences to fix."""
     messages, answer = make_prompt(rng, high)
-    nums = _numbers(messages[0]["content"])
-    if "last" in messages[0]["content"] and rng.random() < p_literal:
-        answer = str(nums[-1])
-    return {"prompt": messages[0]["content"], "messages": messages + [{"role": "assistant", "content": answer}]}
+    question = messages[0]["content"]
+    if "last" in question and rng.random() < p_habit:
+        answer = str(_numbers(question)[-1])
+    elif question.startswith("What is the largest") and rng.random() < p_habit:
+        answer = f"The answer is {answer}."
+    return {"prompt": question, "messages": messages + [{"role": "assistant", "content": answer}]}
 
 
 def preference_pair(rng: random.Random, high: int = 99, templates: list[str] = TEMPLATES) -> dict:

@@ -19,7 +19,7 @@ README = ROOT / "README.md"
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     proc = subprocess.run([sys.executable, "-m", "nanoalign.demo", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -57,11 +57,11 @@ def test_demo_artefacts_are_well_formed(demo):
         assert config["peft_type"] == "LORA" and config["r"] == 16
         assert all(k.startswith("base_model.model.model.layers.")
                    for k in load_file(out / run / "final/adapter_model.safetensors"))
-    # synthetic data: every prompt sampled 8 times, pairs are best/worst with a gap of right vs wrong
+    # synthetic data: every prompt sampled 8 times, pairs are best/worst with a gap of at least 0.5
     samples = read_jsonl(out / "synth/samples.jsonl")
     pairs = read_jsonl(out / "synth/pairs.jsonl")
     assert len(samples) % 8 == 0 and len(pairs) > 100
-    assert all(p["score_chosen"] - p["score_rejected"] >= 0.9 and p["chosen"].strip() for p in pairs)
+    assert all(p["score_chosen"] - p["score_rejected"] >= 0.5 and p["chosen"].strip() for p in pairs)
     assert len(read_jsonl(out / "eval_dpo_vs_sft/per_prompt.jsonl")) == N_EVAL
     # the curves are a real PNG with content
     png = (out / "curves.png").read_bytes()

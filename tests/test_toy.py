@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from nanoalign.chat import load_chat
-from nanoalign.toy import TEMPLATES, build_tokenizer, literal_demo, make_prompt, preference_pair, reward, sft_demo, tiny_config
+from nanoalign.toy import TEMPLATES, build_tokenizer, demonstrator, make_prompt, preference_pair, reward, sft_demo, tiny_config
 
 Q = [{"role": "user", "content": "Arrange the numbers 34, 7, 89, 12, and 45 in ascending order. What is the last number?"}]
 
@@ -60,18 +60,23 @@ def test_sft_demo_accuracy():
     assert 0.27 < accuracy(0.3) < 0.33
 
 
-def test_literal_demo():
+def test_demonstrator_habits():
     rng = random.Random(2)
-    rows = [literal_demo(rng, high=9, p_literal=0.7) for _ in range(3000)]
-    literal = [r for r in rows if "last" in r["prompt"]]
+    rows = [demonstrator(rng, high=9, p_habit=0.7) for _ in range(3000)]
+    kinds = {"right": 0, "literal": 0, "sentence": 0}
     for r in rows:
-        nums = [int(n) for n in re.findall(r"\d+", r["prompt"])]
-        answer = r["messages"][1]["content"]
-        # right, or (a "last" question only) the number listed last
-        assert answer == str(max(nums)) or ("last" in r["prompt"] and answer == str(nums[-1]))
-    assert 0.35 < len(literal) / len(rows) < 0.45  # 2 of the 5 wordings ask for the number that comes "last"
-    misread = [r for r in literal if r["messages"][1]["content"] != str(max(map(int, re.findall(r"\d+", r["prompt"]))))]
-    assert 0.5 < len(misread) / len(literal) < 0.6  # 0.7 x P(the last listed is not the largest) ~ 0.7 x 0.78
+        question, answer = r["prompt"], r["messages"][1]["content"]
+        nums = [int(n) for n in re.findall(r"\d+", question)]
+        if answer == str(max(nums)):
+            kinds["right"] += 1
+        elif "last" in question and answer == str(nums[-1]):  # only a "last" question is read literally
+            kinds["literal"] += 1
+        else:  # only "What is the largest number among ...?" is answered in a sentence, with the right number
+            assert question.startswith("What is the largest") and answer == f"The answer is {max(nums)}."
+            assert reward(r["messages"][:1], answer) == 0.5
+            kinds["sentence"] += 1
+    # 2 of 5 wordings ask for the "last" number: 0.4 x 0.7 x P(the last listed is not the largest ~ 0.78); 1 of 5 x 0.7
+    assert 0.19 < kinds["literal"] / len(rows) < 0.25 and 0.12 < kinds["sentence"] / len(rows) < 0.16
 
 
 def test_prompt_templates():
