@@ -6,27 +6,33 @@
         --reward Skywork/Skywork-Reward-V2-Qwen3-0.6B --out runs/eval_dpo_vs_sft
     # against stored answers (JSONL rows with `prompt` or `prompt_id`, and `response`):
     python eval_winrate.py --model-a ... --responses-b instruct_answers.jsonl --name-b qwen2.5-0.5b-instruct ...
+    torchrun --nproc_per_node=8 eval_winrate.py ...   # prompts sharded across GPUs, same results
 
 Both sides answer each prompt with the same sampling settings (greedy by default) and are scored by the same
 reward. Reported: win rate = wins / (wins + losses), ties counted but excluded; a Wilson 95% interval on it;
-mean reward of each side; the margin-weighted win rate. Writes <out>/per_prompt.jsonl (appended as it goes:
-a restarted run skips prompts already judged) and <out>/summary.json.
+mean reward of each side; the margin-weighted win rate. Writes <out>/per_prompt.jsonl (appended as it goes, one part
+file per rank merged by rank 0 in prompt order: a restarted run, on any number of GPUs, skips prompts already judged)
+and <out>/summary.json. A prompt's answers depend only on (--seed, prompt_id), both sides drawing the same random
+numbers. Both answers to a prompt are scored in one reward call, so an answer both sides gave is an exact tie; a
+prompt whose answer the reward endpoint refuses (HTTP 400/413/422) is judged "skipped" and counted apart. Values
+with nothing to average are null in summary.json.
 """
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from nanoalign.chat import load_chat
+from nanoalign.completions import HttpPolicy, PolicyServerError
 from nanoalign.data import prompt_records, read_records
+from nanoalign.engine import generate
 from nanoalign.errors import InputError
-from nanoalign.jsonl import ResumableJsonl
+from nanoalign.jsonl import ShardedJsonl, write_json
 from nanoalign.lora import load_merged
 from nanoalign.preferences import win_rate
-from nanoalign.reward import RewardServerError, load_reward, prompt_check
-from nanoalign.sampling import generate
-from nanoalign.train import DTYPES, Progress, choose_precision, one_line_errors
+from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
+from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, one_line_errors, print0,
+                             setup_distributed)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,21 +53,25 @@ parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 parser.add_argument("--top-p", type=float, default=1.0)
 parser.add_argument("--top-k", type=int, default=0)
 parser.add_argument("--max-new-tokens", type=int, default=256)
-parser.add_argument("--batch-size", type=int, default=16)
-parser.add_argument("--reward", default="Skywork/Skywork-Reward-V2-Qwen3-0.6B", help="`toy`, an http(s) URL, or a reward model")
-parser.add_argument("--reward-model", default="nvidia/llama-3.1-nemotron-70b-reward")
-parser.add_argument("--reward-batch-size", type=int, default=8)
-parser.add_argument("--reward-retries", type=int, default=4, help="http reward: retries of a failed request (5xx, 429, timeout)")
-parser.add_argument("--reward-timeout", type=float, default=60, help="http reward: seconds per request")
-parser.add_argument("--reward-concurrency", type=int, default=8, help="http reward: requests in flight")
+parser.add_argument("--batch-size", type=int, default=64,
+                    help="prompts per round: sequences decoded together for each side, then scored and written")
+parser.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graph for the decode step (CUDA)")
+parser.add_argument("--policy-url-a", default=None, help="A's answers from an OpenAI-compatible completions server "
+                    "(vLLM/SGLang, base URL …/v1) instead of loading --model-a, which names the model there")
+parser.add_argument("--policy-url-b", default=None, help="the same for B (--model-b names the model there)")
+parser.add_argument("--policy-concurrency", type=int, default=32, help="--policy-url-*: requests in flight")
+parser.add_argument("--policy-retries", type=int, default=4, help="--policy-url-*: retries of a failed request")
+parser.add_argument("--policy-timeout", type=float, default=600, help="--policy-url-*: seconds per request")
+add_reward_args(parser)
 parser.add_argument("--tie-eps", type=float, default=0.0, help="|score A - score B| <= this is a tie")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
-                    help="dtype of the policies and a local reward model (default: bf16 on a GPU with bf16, else fp32)")
+                    help="dtype of the policies, and of a local reward model unless --reward-dtype "
+                         "(default: bf16 on a GPU with bf16, else fp32)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
-one_line_errors(RewardServerError)
+one_line_errors(RewardServerError, PolicyServerError, RewardError)
 if (args.model_b is None) == (args.responses_b is None):
     raise InputError("give exactly one of --model-b and --responses-b")
 if not (args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
@@ -69,16 +79,21 @@ if not (args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
                      f"{args.top_k}, {args.top_p}")
 # -----------------------------------------------------------------------------
 
-device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+d = setup_distributed(args.device)
+device = d.device if args.device in (None, "cuda") else torch.device(args.device)  # cuda: this rank's GPU
 args.precision = choose_precision(args.precision, device)
 out = Path(args.out)
 # checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
                          check=prompt_check(args.reward))
-judged = ResumableJsonl(out / "per_prompt.jsonl")
+judged = ShardedJsonl(out / "per_prompt.jsonl", key=lambda r: r["prompt_id"], rank=d.rank, world=d.world)
 done = {row["prompt_id"] for row in judged.rows}
 todo = [(pid, messages) for pid, messages in prompts if pid not in done]
-print(f"{len(prompts)} prompts: {len(done)} judged before, {len(todo)} to go")
+print0(f"{len(prompts)} prompts: {len(done)} judged before, {len(todo)} to go"
+       + (f" on {d.world} ranks" if d.world > 1 else ""))
+if d.world > 1:
+    torch.distributed.barrier()  # every rank has read what is done before any rank writes
+todo = todo[d.rank::d.world]
 
 stored = None
 if args.responses_b:  # keyed like the prompts: the row's prompt_id, else a hash of its prompt
@@ -95,41 +110,65 @@ if args.responses_b:  # keyed like the prompts: the row's prompt_id, else a hash
 if todo:
     chat = load_chat(args.tokenizer or args.model_a)
     dtype = DTYPES[args.precision]
-    model_a = load_merged(args.model_a, args.adapter_a, dtype=dtype, device=device)
-    model_b = load_merged(args.model_b, args.adapter_b, dtype=dtype, device=device) if args.model_b else None
-    reward = load_reward(args.reward, device=device, dtype=dtype, batch_size=args.reward_batch_size,
-                         model=args.reward_model, cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
-                         timeout=args.reward_timeout, concurrency=args.reward_concurrency)
 
-    def answer(model, prompt_ids, seed):
+    def policy(model, adapters, url):
+        """The local model (adapters merged), or the completions server serving it (key from $OPENAI_API_KEY)."""
+        if url:
+            return HttpPolicy(url, model, chat.stop_ids, args.max_new_tokens, args.temperature, args.top_k,
+                              args.top_p, args.seed, timeout=args.policy_timeout, retries=args.policy_retries,
+                              concurrency=args.policy_concurrency, cache_path=out / "policy_cache.jsonl")
+        return load_merged(model, adapters, dtype=dtype, device=device)
+    model_a = policy(args.model_a, args.adapter_a, args.policy_url_a)
+    model_b = policy(args.model_b, args.adapter_b, args.policy_url_b) if args.model_b else None
+    reward = reward_from_args(args, device, out / "reward_cache.jsonl", dtype)
+
+    def verdict(score_a, score_b):
+        if score_a is None or score_b is None:  # an item the reward endpoint refused (see summary's skipped)
+            return "skipped"
+        return "a" if score_a - score_b > args.tie_eps else "b" if score_b - score_a > args.tie_eps else "tie"
+
+    def answer(model, prompt_ids, ids):
+        if isinstance(model, HttpPolicy):
+            return [text for text, _, _ in model.sample(list(zip(prompt_ids, ids)))]
         outputs = generate(model, prompt_ids, args.max_new_tokens, chat.stop_ids, chat.pad_id, args.temperature,
-                           args.top_k, args.top_p, seed=seed, vocab_limit=chat.vocab_size)
+                           args.top_k, args.top_p, seed=args.seed, vocab_limit=chat.vocab_size, keys=ids,
+                           compile=False if args.eager else None)
         return [chat.decode(o) for o in outputs]
 
-    progress = Progress(len(todo), "prompts")
+    progress = Progress(len(todo), "prompts", enabled=d.is_main)
     for start in range(0, len(todo), args.batch_size):
         chunk = todo[start:start + args.batch_size]
         ids = [pid for pid, _ in chunk]
         conversations = [messages for _, messages in chunk]
         prompt_ids = [chat.render_prompt(m)[-args.max_prompt_len:] for m in conversations]
-        seed = args.seed + len(done) + start
-        texts_a = answer(model_a, prompt_ids, seed)
-        texts_b = answer(model_b, prompt_ids, seed) if model_b is not None else [stored[pid] for pid in ids]
-        scores_a = reward.score(conversations, texts_a, ids=[f"{pid}:a" for pid in ids])
-        scores_b = reward.score(conversations, texts_b, ids=[f"{pid}:b" for pid in ids])
+        texts_a = answer(model_a, prompt_ids, ids)
+        texts_b = answer(model_b, prompt_ids, ids) if model_b is not None else [stored[pid] for pid in ids]
+        # both sides in one call: an answer both models gave is scored once, an exact tie
+        scores = reward.score(conversations * 2, texts_a + texts_b, ids=ids * 2)
         judged.append([dict(prompt_id=pid, prompt=m, response_a=ta, response_b=tb, score_a=sa, score_b=sb,
-                            winner="a" if sa - sb > args.tie_eps else "b" if sb - sa > args.tie_eps else "tie")
-                       for pid, m, ta, tb, sa, sb in zip(ids, conversations, texts_a, texts_b, scores_a, scores_b)])
+                            winner=verdict(sa, sb))
+                       for pid, m, ta, tb, sa, sb in zip(ids, conversations, texts_a, texts_b, scores[:len(chunk)],
+                                                         scores[len(chunk):])])
         progress.update(len(chunk))
     progress.close()
 
-rows = [row for row in judged.rows if row["prompt_id"] in {pid for pid, _ in prompts}]
+order = {pid: i for i, (pid, _) in enumerate(prompts)}
+rows = judged.finish(order=lambda r: order.get(r["prompt_id"], len(order)))
+cleanup_distributed()
+if rows is None:  # rank > 0: rank 0 merges and writes the summary
+    raise SystemExit(0)
+rows = [row for row in rows if row["prompt_id"] in order]
+scored = [r for r in rows if r["winner"] != "skipped"]
 summary = dict(name_a=args.name_a, name_b=args.name_b, reward=args.reward, interval="wilson",
-               **win_rate([r["score_a"] for r in rows], [r["score_b"] for r in rows], args.tie_eps),
+               **win_rate([r["score_a"] for r in scored], [r["score_b"] for r in scored], args.tie_eps),
+               skipped=len(rows) - len(scored),
                sampling=dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                              max_new_tokens=args.max_new_tokens, seed=args.seed))
-(out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+write_json(out / "summary.json", summary)
 low, high = summary["ci95"]
-print(f"{args.name_a} vs {args.name_b}: win rate {summary['win_rate']:.3f} [{low:.3f}, {high:.3f}] "
-      f"({summary['wins']}W/{summary['losses']}L/{summary['ties']}T of {summary['n']}); "
-      f"mean reward {summary['mean_reward_a']:.3f} vs {summary['mean_reward_b']:.3f}")
+rate, mean_a, mean_b = (f"{summary[k]:.3f}" if summary[k] is not None else "n/a"
+                        for k in ("win_rate", "mean_reward_a", "mean_reward_b"))
+skipped = f", {summary['skipped']} skipped (refused by the reward endpoint)" if summary["skipped"] else ""
+print(f"{args.name_a} vs {args.name_b}: win rate {rate} [{low:.3f}, {high:.3f}] "
+      f"({summary['wins']}W/{summary['losses']}L/{summary['ties']}T of {summary['n']}{skipped}); "
+      f"mean reward {mean_a} vs {mean_b}")

@@ -2,13 +2,20 @@
 
     python gen_synthetic.py --model runs/sft/final --adapter runs/dpo/final \
         --prompts HuggingFaceH4/ultrafeedback_binarized --prompts-split train_gen --max-prompts 2000 \
-        --reward Skywork/Skywork-Reward-V2-Qwen3-0.6B --n 4 --min-gap 0.5 --out runs/synth
+        --reward Skywork/Skywork-Reward-V2-Qwen3-0.6B --num-samples 4 --min-gap 0.5 --out runs/synth
+    # every GPU of the node, each with the policy and the reward model, prompts sharded across them:
+    torchrun --nproc_per_node=8 gen_synthetic.py ... (same flags)
     # score with an OpenAI-compatible reward endpoint instead (key read from $NVIDIA_API_KEY):
     python gen_synthetic.py ... --reward https://integrate.api.nvidia.com/v1 --reward-model nvidia/llama-3.1-nemotron-70b-reward
 
-Writes <out>/samples.jsonl (every scored completion, appended as it goes), <out>/pairs.jsonl (prompt, chosen,
-rejected, scores: train_dpo.py reads it) and <out>/summary.json. Killed and restarted with the same arguments, it
-skips the prompts already done; a failing reward endpoint stops it after its retries with everything so far on disk.
+Writes <out>/samples.jsonl (every scored completion; while running, each rank appends to its own
+samples.part<r>-of-<N>.jsonl, merged by rank 0 in prompt order at the end), <out>/pairs.jsonl (prompt, chosen,
+rejected, scores, whether each answer finished: train_dpo.py reads it) and <out>/summary.json. Killed and restarted
+with the same arguments (on any number of GPUs), it skips the prompts already done; a failing reward endpoint stops
+it after its retries with everything so far on disk. Sample k of a prompt depends only on (--seed, prompt_id, k), so
+the files are the same whatever the number of ranks, the --batch-size or the point where a run was resumed.
+A sample the reward endpoint refuses (HTTP 400/413/422, e.g. too long) keeps score null, is in no pair, and is
+counted as `skipped` in summary.json.
 Keep generation prompts apart from eval prompts (UltraFeedback: train_gen here, test_gen in eval_winrate.py).
 """
 import argparse
@@ -19,14 +26,16 @@ from pathlib import Path
 import torch
 
 from nanoalign.chat import load_chat
+from nanoalign.completions import HttpPolicy, PolicyServerError
 from nanoalign.data import prompt_records, read_records
+from nanoalign.engine import Engine
 from nanoalign.errors import InputError
-from nanoalign.jsonl import ResumableJsonl, write_jsonl
+from nanoalign.jsonl import ShardedJsonl, write_json, write_jsonl
 from nanoalign.lora import load_merged
 from nanoalign.preferences import best_worst_pair
-from nanoalign.reward import RewardServerError, load_reward, prompt_check
-from nanoalign.sampling import generate
-from nanoalign.train import DTYPES, Progress, choose_precision, one_line_errors
+from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
+from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, one_line_errors, print0,
+                             setup_distributed)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,83 +47,134 @@ parser.add_argument("--prompts-split", default="train_gen")
 parser.add_argument("--prompts-config", default=None)
 parser.add_argument("--max-prompts", type=int, default=0, help="use the first this-many prompts (0 = all)")
 parser.add_argument("--max-prompt-len", type=int, default=1024, help="prompts keep their last this-many tokens")
-parser.add_argument("--n", type=int, default=4, help="samples per prompt")
+parser.add_argument("--num-samples", type=int, default=4, help="samples per prompt")
 parser.add_argument("--temperature", type=float, default=0.8)
 parser.add_argument("--top-p", type=float, default=0.95)
 parser.add_argument("--top-k", type=int, default=0)
 parser.add_argument("--max-new-tokens", type=int, default=256)
-parser.add_argument("--batch-size", type=int, default=16, help="prompts per round of sampling and scoring")
-parser.add_argument("--reward", default="Skywork/Skywork-Reward-V2-Qwen3-0.6B",
-                    help="`toy` (rule-based), an http(s) URL (OpenAI-compatible endpoint), or a reward model dir / hub id")
-parser.add_argument("--reward-model", default="nvidia/llama-3.1-nemotron-70b-reward", help="model name at the endpoint")
-parser.add_argument("--reward-batch-size", type=int, default=8)
-parser.add_argument("--reward-retries", type=int, default=4, help="http reward: retries of a failed request (5xx, 429, timeout)")
-parser.add_argument("--reward-timeout", type=float, default=60, help="http reward: seconds per request")
-parser.add_argument("--reward-concurrency", type=int, default=8, help="http reward: requests in flight")
+parser.add_argument("--batch-size", type=int, default=16,
+                    help="prompts in flight (batch-size x num-samples sequences decoded together) and per round of scoring")
+parser.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graph for the decode step (CUDA)")
+parser.add_argument("--policy-url", default=None,
+                    help="sample from an OpenAI-compatible completions server (vLLM/SGLang) at this base URL (…/v1) "
+                         "instead of loading --model; key, if any, from $OPENAI_API_KEY")
+parser.add_argument("--policy-model", default=None, help="model name at --policy-url (default: --model)")
+parser.add_argument("--policy-concurrency", type=int, default=32, help="--policy-url: requests in flight")
+parser.add_argument("--policy-retries", type=int, default=4, help="--policy-url: retries of a failed request")
+parser.add_argument("--policy-timeout", type=float, default=600, help="--policy-url: seconds per request")
+add_reward_args(parser)
 parser.add_argument("--min-gap", type=float, default=0.0, help="keep a pair only if best - worst score >= this")
 parser.add_argument("--drop-empty", action="store_true", help="never use an empty completion in a pair")
-parser.add_argument("--drop-truncated", action="store_true", help="never use a completion cut at --max-new-tokens")
+parser.add_argument("--drop-truncated", action="store_true", default=True,
+                    help="never use a completion cut at --max-new-tokens in a pair (the default)")
+parser.add_argument("--keep-truncated", dest="drop_truncated", action="store_false",
+                    help="use cut completions too (pairs.jsonl marks them *_finished=false: trained without <|im_end|>)")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
-                    help="dtype of the policies and a local reward model (default: bf16 on a GPU with bf16, else fp32)")
+                    help="dtype of the policies, and of a local reward model unless --reward-dtype "
+                         "(default: bf16 on a GPU with bf16, else fp32)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
-one_line_errors(RewardServerError)
+one_line_errors(RewardServerError, PolicyServerError, RewardError)
 if not (args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
     raise InputError(f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1, got {args.temperature}, "
                      f"{args.top_k}, {args.top_p}")
 # -----------------------------------------------------------------------------
 
-device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+d = setup_distributed(args.device)
+device = d.device if args.device in (None, "cuda") else torch.device(args.device)  # cuda: this rank's GPU
 args.precision = choose_precision(args.precision, device)
 out = Path(args.out)
+n = args.num_samples
 # checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
                          check=prompt_check(args.reward))
 
-# resume: prompts with all n samples on disk are done; a prompt with fewer (killed mid-way) is redone
-samples = ResumableJsonl(out / "samples.jsonl")
+# resume: prompts with all n samples on disk (any earlier run, any world size) are done; the rest is redone
+samples = ShardedJsonl(out / "samples.jsonl", key=lambda r: (r["prompt_id"], r["sample"]), rank=d.rank, world=d.world)
 count = defaultdict(int)
 for row in samples.rows:
-    count[row["prompt_id"]] += 1
-done = {pid for pid, c in count.items() if c >= args.n}
-if len(done) != len(count):
-    samples.rewrite([row for row in samples.rows if row["prompt_id"] in done])
+    count[row["prompt_id"]] += row["sample"] < n
+done = {pid for pid, c in count.items() if c >= n}
 todo = [(pid, messages) for pid, messages in prompts if pid not in done]
-print(f"{len(prompts)} prompts: {len(done)} done before, {len(todo)} to sample")
+print0(f"{len(prompts)} prompts: {len(done & {pid for pid, _ in prompts})} done before, {len(todo)} to sample"
+       + (f" on {d.world} ranks" if d.world > 1 else ""))
+if d.world > 1:
+    torch.distributed.barrier()  # every rank has read what is done before any rank writes
+todo = todo[d.rank::d.world]
+
+
+def local_samples(prompt_ids):
+    """(prompt index, n (text, n_tokens, finished)) as prompts finish, from the policy on this rank's device: the
+    engine refills a slot as soon as its row finishes, so rows of any lengths keep every slot busy."""
+    model = load_merged(args.model, args.adapter, dtype=dtype, device=device)
+    engine = Engine(model, args.batch_size * n, max(map(len, prompt_ids)) + args.max_new_tokens, chat.stop_ids,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, vocab_limit=chat.vocab_size,
+                    compile=False if args.eager else None, pad_id=chat.pad_id)
+    requests = ((ids, args.max_new_tokens, (todo[i][0], k)) for i, ids in enumerate(prompt_ids) for k in range(n))
+    outputs = defaultdict(dict)
+    for number, tokens in engine.stream(requests, seed=args.seed):
+        i, k = divmod(number, n)
+        outputs[i][k] = (chat.decode(tokens), len(tokens), bool(tokens) and tokens[-1] in chat.stop_ids)
+        if len(outputs[i]) == n:
+            group = outputs.pop(i)
+            yield i, [group[k] for k in range(n)]
+
+
+def server_samples(prompt_ids):
+    """The same from an OpenAI-compatible completions server (--policy-url), --batch-size prompts at a time."""
+    policy = HttpPolicy(args.policy_url, args.policy_model or args.model, chat.stop_ids, args.max_new_tokens,
+                        args.temperature, args.top_k, args.top_p, args.seed, timeout=args.policy_timeout,
+                        retries=args.policy_retries, concurrency=args.policy_concurrency,
+                        cache_path=out / "policy_cache.jsonl")
+    for start in range(0, len(prompt_ids), args.batch_size):
+        chunk = range(start, min(start + args.batch_size, len(prompt_ids)))
+        answers = policy.sample([(prompt_ids[i], (todo[i][0], k)) for i in chunk for k in range(n)])
+        for j, i in enumerate(chunk):
+            yield i, answers[j * n:(j + 1) * n]
+
+
+def score_and_write(ready):
+    """Score whole prompts [(prompt index, n (text, n_tokens, finished))] and append them to this rank's part."""
+    texts = [text for _, answers in ready for text, _, _ in answers]
+    conversations = [todo[i][1] for i, _ in ready for _ in range(n)]
+    scores = reward.score(conversations, texts, ids=[todo[i][0] for i, _ in ready for _ in range(n)])
+    samples.append([dict(prompt_id=todo[i][0], prompt=todo[i][1], sample=k, response=text, score=scores[j * n + k],
+                         n_tokens=n_tokens, finished=finished)
+                    for j, (i, answers) in enumerate(ready) for k, (text, n_tokens, finished) in enumerate(answers)])
+    progress.update(len(ready))
+
 
 if todo:
     dtype = DTYPES[args.precision]
-    model = load_merged(args.model, args.adapter, dtype=dtype, device=device)
     chat = load_chat(args.tokenizer or args.model)
-    reward = load_reward(args.reward, device=device, dtype=dtype, batch_size=args.reward_batch_size,
-                         model=args.reward_model, cache_path=out / "reward_cache.jsonl", retries=args.reward_retries,
-                         timeout=args.reward_timeout, concurrency=args.reward_concurrency)
-    progress = Progress(len(todo), "prompts")
-    for start in range(0, len(todo), args.batch_size):
-        chunk = todo[start:start + args.batch_size]
-        prompt_ids = [chat.render_prompt(messages)[-args.max_prompt_len:] for _, messages in chunk]
-        outputs = generate(model, [p for p in prompt_ids for _ in range(args.n)], args.max_new_tokens,
-                           chat.stop_ids, chat.pad_id, args.temperature, args.top_k, args.top_p,
-                           seed=args.seed + len(done) + start, vocab_limit=chat.vocab_size)
-        texts = [chat.decode(o) for o in outputs]
-        conversations = [messages for _, messages in chunk for _ in range(args.n)]
-        scores = reward.score(conversations, texts, ids=[pid for pid, _ in chunk for _ in range(args.n)])
-        samples.append([dict(prompt_id=pid, prompt=messages, sample=k, response=texts[i * args.n + k],
-                             score=scores[i * args.n + k], n_tokens=len(outputs[i * args.n + k]),
-                             finished=bool(outputs[i * args.n + k]) and outputs[i * args.n + k][-1] in chat.stop_ids)
-                        for i, (pid, messages) in enumerate(chunk) for k in range(args.n)])
-        progress.update(len(chunk))
+    reward = reward_from_args(args, device, out / "reward_cache.jsonl", dtype)
+    prompt_ids = [chat.render_prompt(messages)[-args.max_prompt_len:] for _, messages in todo]
+    progress = Progress(len(todo), "prompts", enabled=d.is_main)
+    ready = []
+    for finished_prompt in (server_samples if args.policy_url else local_samples)(prompt_ids):
+        ready.append(finished_prompt)
+        if len(ready) == args.batch_size:
+            score_and_write(ready)
+            ready = []
+    if ready:
+        score_and_write(ready)
     progress.close()
+
+order = {pid: i for i, (pid, _) in enumerate(prompts)}
+rows = samples.finish(order=lambda r: (order.get(r["prompt_id"], len(order)), r["sample"]))
+cleanup_distributed()
+if rows is None:  # rank > 0: rank 0 merges and writes the pairs
+    raise SystemExit(0)
 
 # pairs are a pure function of the samples on disk, so they are rebuilt whole on every run
 by_prompt = defaultdict(list)
-for row in samples.rows:
+for row in rows:
     by_prompt[row["prompt_id"]].append(row)
 pairs, dropped = [], defaultdict(int)
 for pid, group in by_prompt.items():
-    usable = [s for s in group if not (args.drop_empty and not s["response"].strip())
+    usable = [s for s in group if s["score"] is not None and not (args.drop_empty and not s["response"].strip())
               and not (args.drop_truncated and not s["finished"])]
     dropped["unusable_samples"] += len(group) - len(usable)
     pair = best_worst_pair(usable, args.min_gap)
@@ -123,11 +183,12 @@ for pid, group in by_prompt.items():
         continue
     best, worst = pair
     pairs.append(dict(prompt_id=pid, prompt=group[0]["prompt"], chosen=best["response"], rejected=worst["response"],
-                      score_chosen=best["score"], score_rejected=worst["score"]))
+                      score_chosen=best["score"], score_rejected=worst["score"],
+                      chosen_finished=best["finished"], rejected_finished=worst["finished"]))
 write_jsonl(out / "pairs.jsonl", pairs)
-scores = [s["score"] for s in samples.rows]
-summary = dict(prompts=len(by_prompt), samples=len(samples.rows), pairs=len(pairs), **dropped,
-               mean_score=sum(scores) / max(len(scores), 1),
-               truncated=sum(not s["finished"] for s in samples.rows), empty=sum(not s["response"].strip() for s in samples.rows))
-(out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+scores = [s["score"] for s in rows if s["score"] is not None]  # None: refused by the reward endpoint
+summary = dict(prompts=len(by_prompt), samples=len(rows), pairs=len(pairs), **dropped,
+               skipped=len(rows) - len(scores), mean_score=sum(scores) / len(scores) if scores else None,
+               truncated=sum(not s["finished"] for s in rows), empty=sum(not s["response"].strip() for s in rows))
+write_json(out / "summary.json", summary)
 print(json.dumps(summary))

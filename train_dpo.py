@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 
 from nanoalign.chat import load_chat
-from nanoalign.data import mix, preference_batch, preference_examples, read_records, shard, split_holdout, step_batches
+from nanoalign.data import holdout_and_mix, preference_batch, preference_examples, read_records, shard, step_batches
 from nanoalign.errors import InputError
 from nanoalign.lora import adapters_disabled, add_lora, describe, load_adapter, load_merged, save_adapter
 from nanoalign.losses import dpo_loss, dpo_metrics, sequence_logps
 from nanoalign.model import load_model, resolve_model_dir, save_model
-from nanoalign.train import (DTYPES, MetricsLog, Progress, all_reduce_sum, autocast, choose_precision,
-                             cleanup_distributed, load_train_state, lr_at, make_optimizer,
-                             make_scaler, maybe_no_sync, one_line_errors, optimizer_step, print0, resolve_resume,
-                             save_train_state, set_lr, setup_distributed, wrap_ddp)
+from nanoalign.train import (DTYPES, DivergenceGuard, MetricsLog, Progress, all_reduce_sum, autocast,
+                             check_finite_weights, choose_precision, cleanup_distributed, load_train_state, lr_at,
+                             make_optimizer, make_scaler, maybe_no_sync, one_line_errors, optimizer_step, print0,
+                             resolve_resume, save_train_state, set_lr, setup_distributed, wrap_ddp)
 
 
 def number_list(text):  # argparse names the flag and this function in its error: "invalid number_list value"
@@ -75,6 +75,9 @@ parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], defa
 parser.add_argument("--warmup-steps", type=int, default=0)
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--clip", type=float, default=1.0)
+parser.add_argument("--max-bad-steps", type=int, default=3,
+                    help="stop after this many steps in a row with a non-finite loss or gradient norm, each skipped "
+                         "(0 = never stop; fp16 overflows the GradScaler skips do not count)")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                     help="autocast dtype (default: bf16 on a CUDA GPU that supports it, else fp32)")
 parser.add_argument("--base-dtype", choices=["auto", "fp32", "bf16"], default="auto",
@@ -108,7 +111,8 @@ args.precision = choose_precision(args.precision, d.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
 model_dir = resolve_model_dir(args.model)
-chat = load_chat(args.tokenizer or model_dir)
+tokenizer_dir = resolve_model_dir(args.tokenizer) if args.tokenizer else model_dir
+chat = load_chat(tokenizer_dir)  # the default system prompt is the one of the dir's own chat template
 
 # data: every source rendered and truncated the same way, then mixed, split, and cut into world-invariant steps
 sources = []
@@ -117,16 +121,16 @@ for source in args.data:
                                           args.max_len, args.max_prompt_len)
     print0(f"{source}: {stats}")
     sources.append(examples)
-pairs = mix(sources, args.data_weights or [1.0] * len(sources), args.seed)
-train_set, eval_pairs = split_holdout(pairs, args.eval_frac, args.seed) if args.eval_frac > 0 else (pairs, [])
-eval_set = shard(eval_pairs, d.rank, d.world) if len(eval_pairs) >= d.world else []
+# held out per source before mixing, so an upsampled source's eval pairs have no copies in train
+train_set, eval_pairs = holdout_and_mix(sources, args.data_weights or [1.0] * len(sources), args.eval_frac, args.seed)
+eval_set = shard(eval_pairs, d.rank, d.world)  # uneven shares: the eval covers every held-out pair
 global_pairs = args.batch_size * args.grad_accum * d.world
 steps_per_epoch = len(train_set) // global_pairs
 if steps_per_epoch == 0:
     raise InputError(f"{len(train_set)} pairs are fewer than one global batch "
                      f"(--batch-size x --grad-accum x world size)")
 total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval pairs; {total_steps} steps")
+print0(f"{len(train_set)} train / {len(eval_pairs)} eval pairs; {total_steps} steps")
 
 # policy: base + frozen earlier adapters + the new trainable one
 resume_dir = resolve_resume(args.resume, out)
@@ -240,6 +244,9 @@ def precompute_reference(examples, path, save_every_s=600):
     return {**logps, **fresh}
 
 
+METRICS = list(dpo_metrics(*torch.zeros(5, 1)))  # the logged names, in order
+
+
 def dpo_forward(forward, ids, mask, batch):
     """One forward for chosen and rejected together ([2b, t]), then the DPO loss per pair."""
     b = ids.shape[0] // 2
@@ -268,23 +275,24 @@ ddp_model = wrap_ddp(torch.compile(model) if args.compile else model, d)
 
 @torch.no_grad()
 def evaluate():
+    """Mean metrics over every held-out pair: per-rank sums (a rank may have no pairs) over the global count."""
     model.eval()
-    sums, n = None, 0
+    sums = torch.zeros(len(METRICS), dtype=torch.float64, device=d.device)
     for i in range(0, len(eval_set), args.batch_size):
         batch = eval_set[i:i + args.batch_size]
         ids, mask = (t.to(d.device) for t in preference_batch(batch, chat.pad_id))
         with autocast(d.device, args.precision):
             policy, losses, cr, rr = dpo_forward(model, ids, mask, batch)
         m = dpo_metrics(losses, cr, rr, policy[:len(batch)], policy[len(batch):])
-        row = torch.stack([v.float() for v in m.values()]) * len(batch)
-        sums, n = (row if sums is None else sums + row), n + len(batch)
+        sums += torch.stack([v.double() for v in m.values()]) * len(batch)
     model.train()
     if d.world > 1:
         torch.distributed.all_reduce(sums)
-    return {f"eval_{k}": v / all_reduce_sum(n, d.device) for k, v in zip(m.keys(), sums.tolist())}
+    return {f"eval_{k}": v / len(eval_pairs) for k, v in zip(METRICS, sums.tolist())}
 
 
 def save(name, final=False):
+    check_finite_weights(model, step)
     ckpt = out / name
     if d.is_main:
         save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
@@ -297,6 +305,7 @@ def save(name, final=False):
 
 
 metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
+guard = DivergenceGuard(args.max_bad_steps)
 progress = Progress(total_steps, "dpo", d.is_main, start=step)
 steps = step_batches([pair_length(ex) for ex in train_set], args.batch_size, args.grad_accum, d.rank, d.world,
                      args.seed, start_step=step)
@@ -321,15 +330,17 @@ while step < total_steps:
         m = dpo_metrics(losses.detach(), cr, rr, policy[:len(batch)].detach(), policy[len(batch):].detach())
         row = torch.stack([v.float() for v in m.values()]) * len(batch)
         sums = row if sums is None else sums + row
-    grad_norm = optimizer_step(model, optimizer, scaler, args.clip)
-    step += 1
     if d.world > 1:
         torch.distributed.all_reduce(sums)
-    row = dict(step=step, lr=lr, grad_norm=grad_norm, **{k: v / global_pairs for k, v in zip(m.keys(), sums.tolist())},
-               pairs_per_s=global_pairs / (time.time() - t0))
-    if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_set:
+    means = {k: v / global_pairs for k, v in zip(METRICS, sums.tolist())}
+    grad_norm, bad = optimizer_step(model, optimizer, scaler, args.clip, means["loss"])
+    step += 1
+    row = dict(step=step, lr=lr, grad_norm=grad_norm, **means, pairs_per_s=global_pairs / (time.time() - t0),
+               **({"skipped": True} if bad else {}))
+    if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_pairs:
         row.update(evaluate())
     metrics.log(**row)
+    guard.update(step, bad, row["loss"], grad_norm)
     progress.update(loss=row["loss"], acc=row["reward_acc"], margin=row["reward_margin"],
                     **({"eval_acc": row["eval_reward_acc"]} if "eval_reward_acc" in row else {}))
     if args.save_every and step % args.save_every == 0 and step < total_steps:
@@ -341,6 +352,6 @@ save("final", final=True)
 if args.merge and d.is_main:
     # merged in fp32 from the saved files (the live base may be bf16), written in the base checkpoint's dtype
     merged = load_merged(model_dir, [*args.adapter, out / "final"], dtype=torch.float32)
-    save_model(merged, out / "merged", tokenizer_from=model_dir, dtype=getattr(torch, model.config.torch_dtype))
+    save_model(merged, out / "merged", tokenizer_from=tokenizer_dir, dtype=getattr(torch, model.config.torch_dtype))
     print0(f"saved {out / 'merged'} (every adapter folded in)")
 cleanup_distributed()

@@ -23,11 +23,12 @@ from nanoalign.data import pack, packed_batch, pad_right, sft_batches, shard, sp
 from nanoalign.errors import InputError
 from nanoalign.losses import masked_logps, sft_loss
 from nanoalign.tokenized import sft_dataset
-from nanoalign.model import PACKED_ATTENTION, load_model, resolve_model_dir, save_model
-from nanoalign.train import (MetricsLog, Progress, all_reduce_sum, autocast, choose_precision, cleanup_distributed,
-                             load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync, one_line_errors,
-                             optimizer_step, print0, resolve_resume, save_train_state, set_lr, setup_distributed,
-                             wrap_ddp)
+from nanoalign.model import PACKED_ATTENTION, CausalLM, load_model, resolve_model_dir, save_model
+from nanoalign.train import (DivergenceGuard, MetricsLog, Progress, all_reduce_sum, autocast, check_finite_weights,
+                             choose_precision, cleanup_distributed, full_state_dict, load_train_state, lr_at,
+                             make_optimizer, make_scaler, maybe_no_sync, one_line_errors, optimizer_step, print0,
+                             require_torch, resolve_resume, save_train_state, set_lr, setup_distributed, wrap_ddp,
+                             wrap_fsdp)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,10 +60,16 @@ parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], defa
 parser.add_argument("--warmup-steps", type=int, default=0)
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+parser.add_argument("--max-bad-steps", type=int, default=3,
+                    help="stop after this many steps in a row with a non-finite loss or gradient norm, each skipped "
+                         "(0 = never stop; fp16 overflows the GradScaler skips do not count)")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                     help="autocast dtype (default: bf16 on a CUDA GPU that supports it, else fp32)")
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+parser.add_argument("--fsdp", action="store_true",
+                    help="FSDP2 instead of DDP: parameters, gradients and optimizer state sharded over the ranks "
+                         "(each decoder block; bf16 parameters, fp32 gradient reduction under bf16 on CUDA)")
 parser.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the lm_head + loss")
 parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
 parser.add_argument("--lora-r", type=int, default=16)
@@ -76,6 +83,12 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 args = parser.parse_args()
 one_line_errors()
+if args.fsdp and args.lora:
+    parser.error("--fsdp is for full fine-tuning; LoRA trains few parameters: use DDP (drop --fsdp)")
+if args.fsdp:
+    require_torch("--fsdp")
+if args.pack and args.pack_attn == "varlen":
+    require_torch("--pack-attn varlen")
 if not 0 <= args.eval_frac < 1:
     raise InputError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
 cuda = args.device.startswith("cuda") if args.device else torch.cuda.is_available()
@@ -89,7 +102,8 @@ args.precision = choose_precision(args.precision, d.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
 model_dir = resolve_model_dir(args.model)
-chat = load_chat(args.tokenizer or model_dir)
+tokenizer_dir = resolve_model_dir(args.tokenizer) if args.tokenizer else model_dir
+chat = load_chat(tokenizer_dir)  # the default system prompt is the one of the dir's own chat template
 
 # data: rendered with the assistant mask once (local rank 0; cached, the others load it), an eval split held out
 # and sharded over ranks
@@ -97,10 +111,9 @@ dataset = sft_dataset(args.data, args.data_split, args.data_config, chat, args.m
                       args.data_cache or None, is_builder=d.local_rank == 0,
                       barrier=torch.distributed.barrier if d.world > 1 else None)
 print0(f"data: {dataset.stats}")
-indices = list(range(len(dataset)))
-train_idx, eval_idx = split_holdout(indices, args.eval_frac, args.seed) if args.eval_frac > 0 else (indices, [])
-eval_idx = shard(eval_idx, d.rank, d.world) if len(eval_idx) >= d.world else []
-train_set, eval_set = dataset.subset(train_idx), dataset.subset(eval_idx)
+train_idx, eval_idx = split_holdout(list(range(len(dataset))), args.eval_frac, args.seed)
+# uneven eval shares: the eval loss covers every held-out conversation whatever the world size
+train_set, eval_set = dataset.subset(train_idx), dataset.subset(shard(eval_idx, d.rank, d.world))
 # a training unit is a packed row (lists of conversation indices), or one conversation
 lengths = train_set.lengths
 units = pack(lengths, args.max_len, args.seed) if args.pack else [[i] for i in range(len(train_set))]
@@ -110,7 +123,7 @@ if steps_per_epoch == 0:
     raise InputError(f"{len(units)} {unit_name} are fewer than one global batch "
                      f"(--batch-size x --grad-accum x world size)")
 total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-print0(f"{len(train_set)} train / {len(eval_set) * d.world} eval conversations"
+print0(f"{len(train_set)} train / {len(eval_idx)} eval conversations"
        + (f" in {len(units)} packed rows" if args.pack else "") + f"; {total_steps} steps")
 
 # model (fp32 master weights; autocast does the matmuls in bf16/fp16)
@@ -127,14 +140,21 @@ if args.lora:
 model.gradient_checkpointing = args.grad_ckpt
 model.model.packed_attention = args.pack_attn
 model.train()
+if args.fsdp:  # sharded in place, before the optimizer sees the parameters
+    wrap_fsdp(model, d, args.precision)
 optimizer = make_optimizer(model, args.lr, args.weight_decay)
 scaler = make_scaler(d.device, args.precision)
 step = 0
 if resume_dir:
     step = load_train_state(resume_dir, optimizer, scaler)["step"]
     print0(f"resumed from {resume_dir} at step {step}")
-ddp_model = wrap_ddp(torch.compile(model) if args.compile else model, d)
-lm_head = model.lm_head.weight
+compiled = torch.compile(model) if args.compile else model
+ddp_model = compiled if args.fsdp else wrap_ddp(compiled, d)
+
+
+def lm_head():
+    """Read after the forward: under FSDP the gathered weight is only there between forward and backward."""
+    return model.lm_head.weight
 
 
 def step_micro_batches(start_step):
@@ -152,26 +172,31 @@ def step_micro_batches(start_step):
 
 @torch.no_grad()
 def evaluate():
-    """Mean loss over every assistant token of the eval split (all ranks)."""
+    """Mean loss over every assistant token of the eval split: per-rank sums (a rank may have none) all-reduced."""
     model.eval()
     nll, count = 0.0, 0
     for ids, mask in sft_batches(eval_set, args.batch_size, chat.pad_id):
         ids, mask = ids.to(d.device), mask.to(d.device)
         with autocast(d.device, args.precision):
-            logps, _ = masked_logps(model(ids, return_hidden=True), lm_head, ids, mask, args.chunk_size)
+            hidden = model(ids, return_hidden=True)
+            logps, _ = masked_logps(hidden, lm_head(), ids, mask, args.chunk_size)
         nll, count = nll - logps.sum().item(), count + logps.numel()
     model.train()
     return all_reduce_sum(nll, d.device) / max(all_reduce_sum(count, d.device), 1)
 
 
 def save(name, final=False):
+    check_finite_weights(model, step)
     ckpt = out / name
+    state = full_state_dict(model) if args.fsdp else None  # a collective: every rank gathers, rank 0 keeps it
     if d.is_main:
-        if args.lora:
+        if args.fsdp:
+            save_model(unsharded_copy(state), ckpt, tokenizer_from=tokenizer_dir)
+        elif args.lora:
             from nanoalign.lora import save_adapter
             save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
         else:
-            save_model(model, ckpt, tokenizer_from=model_dir)
+            save_model(model, ckpt, tokenizer_from=tokenizer_dir)
     if not final:
         save_train_state(ckpt, optimizer, scaler, step, args=vars(args))
     if d.world > 1:
@@ -179,7 +204,18 @@ def save(name, final=False):
     print0(f"saved {ckpt}")
 
 
+def unsharded_copy(state):
+    """A plain CausalLM holding the gathered FSDP state dict (CPU tensors, no copy)."""
+    with torch.device("meta"):
+        plain = CausalLM(model.config)
+    plain.load_state_dict(state, assign=True)
+    if model.config.tie_word_embeddings:
+        plain.lm_head.weight = plain.model.embed_tokens.weight
+    return plain
+
+
 metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
+guard = DivergenceGuard(args.max_bad_steps)
 progress = Progress(total_steps, "sft", d.is_main, start=step)
 steps = step_micro_batches(start_step=step)
 while step < total_steps:
@@ -194,19 +230,20 @@ while step < total_steps:
         with maybe_no_sync(ddp_model, sync=i == len(micro) - 1), autocast(d.device, args.precision):
             hidden = ddp_model(ids, return_hidden=True, document_ids=docs)
             # DDP averages gradients over ranks; x world turns that average back into the global token mean
-            loss = sft_loss(hidden, lm_head, ids, mask, num_tokens=step_tokens, chunk_size=args.chunk_size) * d.world
+            loss = sft_loss(hidden, lm_head(), ids, mask, num_tokens=step_tokens, chunk_size=args.chunk_size) * d.world
         scaler.scale(loss).backward()
         loss_sum += loss.detach() / d.world  # stays on the device: one sync per step, below
-    grad_norm = optimizer_step(model, optimizer, scaler, args.clip)
-    step += 1
     loss_value = all_reduce_sum(float(loss_sum), d.device)
+    grad_norm, bad = optimizer_step(model, optimizer, scaler, args.clip, loss_value)
+    step += 1
     tokens = all_reduce_sum(sum(ids.numel() for ids, _, _ in micro), d.device)  # positions computed, pads included
     dt = time.time() - t0
     row = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, trained_tokens=int(step_tokens),
-               tokens_per_s=tokens / dt)
-    if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_set:
+               tokens_per_s=tokens / dt, **({"skipped": True} if bad else {}))
+    if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_idx:
         row["eval_loss"] = evaluate()
     metrics.log(**row)
+    guard.update(step, bad, loss_value, grad_norm)
     progress.update(loss=loss_value, **({"eval": row["eval_loss"]} if "eval_loss" in row else {}),
                     tok_s=f"{tokens / dt / 1000:.1f}k")
     if args.save_every and step % args.save_every == 0 and step < total_steps:

@@ -15,7 +15,10 @@ adapter weights, fused AdamW, and the script's host syncs (metrics .tolist(), fl
 
 Case spec: BASE (fp32 | bf16), then any of +precompute, +drop0 (LoRA dropout 0, train_dpo.py's default; the
 peer uses 0.05), +compile (torch.compile(model) for the policy forward, as train_dpo.py --compile), +ckpt
-(activation checkpointing), +adapterbf16. BASE fp32 is what train_dpo.py does today (load_model in fp32, autocast).
+(activation checkpointing), +adapterbf16, +real (UltraFeedback-like ragged lengths, common.UF_*_HIST (assumed
+shapes), prompt cut to --prompt-len and pairs to prompt + response lengths, right-padded as train_dpo.py does;
+also reports real_tokens_per_s; the issue's real-shape case is `bf16+real` and `bf16+precompute+real` with
+--lora-r 16 --lora-alpha 32 --prompt-len 512 --response-len 512). BASE fp32 is what train_dpo.py does today (load_model in fp32, autocast).
 BASE bf16 is the frozen base cast to bf16 before add_lora; nanoalign/lora.py creates adapters in the base weight's
 dtype, so the bench then casts the adapters back to fp32 (PEFT's autocast_adapter_dtype does the same, and the
 peer's model is bf16 too); +adapterbf16 keeps them bf16 as lora.py made them. Reported: pairs_per_s (pairs / median
@@ -36,7 +39,7 @@ def parse_case(spec, args):
     if base not in ("fp32", "bf16"):
         raise ValueError(f"case {spec!r}: base must be fp32 or bf16")
     c = dict(base=base, precompute=args.precompute_ref, dropout=args.lora_dropout, compile=args.compile,
-             ckpt=args.grad_ckpt, adapter_bf16=False)
+             ckpt=args.grad_ckpt, adapter_bf16=False, real=False)
     for mod in parts[1:]:
         if mod == "precompute":
             c["precompute"] = True
@@ -48,6 +51,8 @@ def parse_case(spec, args):
             c["ckpt"] = True
         elif mod == "adapterbf16":
             c["adapter_bf16"] = True
+        elif mod == "real":
+            c["real"] = True
         else:
             raise ValueError(f"unknown case modifier {mod!r} in {spec!r}")
     return c
@@ -56,7 +61,21 @@ def parse_case(spec, args):
 def case_name(c):
     return (f"ours_dpo_lora_{c['base']}base" + ("_precompute_ref" if c["precompute"] else "")
             + ("_adapterbf16" if c["adapter_bf16"] else "") + (f"_drop{c['dropout']:g}" if c["dropout"] != 0.05 else "")
-            + ("_ckpt" if c["ckpt"] else "") + ("_compile" if c["compile"] else ""))
+            + ("_ckpt" if c["ckpt"] else "") + ("_compile" if c["compile"] else "") + ("_real" if c["real"] else ""))
+
+
+def real_pairs(b, config, max_len, max_prompt_len, seed=0):
+    """b pairs with UltraFeedback-like prompt / response lengths, cut like data.preference_examples:
+    input_ids [2b, t], loss_mask [2b, t], and the number of real (non-pad) tokens."""
+    from nanoalign.data import preference_batch
+    prompts = common.sample_lengths(common.UF_PROMPT_HIST, b, seed, cap=max_prompt_len)
+    responses = common.sample_lengths(common.UF_RESPONSE_HIST, 2 * b, seed + 1)
+    g = torch.Generator().manual_seed(seed)
+    tok = lambda n: torch.randint(0, common.token_high(config), (n,), generator=g).tolist()  # noqa: E731
+    pairs = [{"prompt": tok(p), "chosen": tok(min(responses[2 * j], max_len - p)),
+              "rejected": tok(min(responses[2 * j + 1], max_len - p))} for j, p in enumerate(prompts)]
+    real = sum(2 * len(x["prompt"]) + len(x["chosen"]) + len(x["rejected"]) for x in pairs)
+    return (*preference_batch(pairs, common.pad_id(config)), real)
 
 
 def run(c, args, config):
@@ -80,10 +99,16 @@ def run(c, args, config):
     # [2b, t]: rows 0..b-1 prompt + chosen, b..2b-1 prompt + rejected (preference_batch's layout), all full length
     g = torch.Generator(device=device).manual_seed(0)
     t = args.prompt_len + args.response_len
-    ids = torch.randint(0, common.token_high(config), (2 * b, t), device=device, generator=g)
-    ids[b:, :args.prompt_len] = ids[:b, :args.prompt_len]  # the same prompt under both responses
-    mask = torch.zeros_like(ids)
-    mask[:, args.prompt_len:] = 1
+    if c["real"]:  # UltraFeedback-like ragged lengths (common.UF_*_HIST, assumed), right-padded as train_dpo.py does
+        ids, mask, real = real_pairs(b, config, t, args.prompt_len)
+        ids, mask = ids.to(device), mask.to(device)
+        t = ids.shape[1]
+    else:
+        ids = torch.randint(0, common.token_high(config), (2 * b, t), device=device, generator=g)
+        ids[b:, :args.prompt_len] = ids[:b, :args.prompt_len]  # the same prompt under both responses
+        mask = torch.zeros_like(ids)
+        mask[:, args.prompt_len:] = 1
+        real = ids.numel()
 
     @torch.no_grad()
     def reference_logps():  # train_dpo.py's reference_logps without a --ref model
@@ -124,7 +149,8 @@ def run(c, args, config):
                adapter_dtype=str(next(iter(trainable_parameters(model))).dtype).removeprefix("torch."),
                lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=c["dropout"], precompute_ref=c["precompute"],
                grad_ckpt=c["ckpt"], compile=c["compile"], **s, pairs_per_s=b / s["step_s"],
-               tokens_per_s=2 * b * t / s["step_s"], peak_gib=common.peak_gib(device),
+               tokens_per_s=2 * b * t / s["step_s"], real_tokens_per_s=real / s["step_s"], padded_len=t,
+               peak_gib=common.peak_gib(device),
                loss=state["metrics"][0] / b, grad_norm=state["grad_norm"])
     del model, optimizer, forward
     return out

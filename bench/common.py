@@ -27,6 +27,9 @@ QWEN05 = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hi
               num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
               rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
               hidden_act="silu", bos_token_id=151643, eos_token_id=151643)
+# Qwen2.5-1.5B (config.json of Qwen/Qwen2.5-1.5B)
+QWEN15 = dict(QWEN05, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+              num_key_value_heads=2, max_position_embeddings=131072)
 # Qwen3-0.6B (config.json of Qwen/Qwen3-0.6B; Skywork-Reward-V2-Qwen3-0.6B has the same decoder)
 QWEN3_06 = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
@@ -38,6 +41,28 @@ TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_l
             tie_word_embeddings=True, hidden_act="silu", bos_token_id=1000, eos_token_id=1000)
 TINY_QWEN3 = dict(TINY, head_dim=32, attention_bias=False)
 PAD_ID = 151643  # <|endoftext|>, Qwen's pad; in --tiny configs the pad is vocab_size - 24 (see pad_id)
+
+# Length distributions of the real workloads, in Qwen2.5 tokens, as histograms: [(low, high, share)], a length
+# drawn uniformly within its bin. ASSUMED SHAPES: no published token-length histogram of these datasets was
+# found. What is published and what they are fitted to:
+# - smol-smoltalk (HuggingFaceTB/smol-smoltalk, dataset card): train 460,341 conversations, 1,811,694,118 bytes
+#   (~3.9 kB a row, role strings and the `source` column included) -> ~900 tokens a conversation at ~4 bytes
+#   a token, ~0.4 B tokens an epoch. Shape assumed: long-tailed (Magpie-style chats: many short, some > 2k).
+SMOLTALK_HIST = [(32, 128, 0.06), (128, 256, 0.10), (256, 512, 0.20), (512, 1024, 0.30), (1024, 1536, 0.17),
+                 (1536, 2048, 0.10), (2048, 4096, 0.07)]  # mean ~ 1,000; 7% above 2,048 (dropped at --max-len)
+# - UltraFeedback binarized (HuggingFaceH4/ultrafeedback_binarized, train_prefs: 61,135 pairs). Shape and means
+#   assumed (prompt ~ 150 tokens, responses ~ 300), cut like train_dpo.py's defaults.
+UF_PROMPT_HIST = [(8, 64, 0.35), (64, 128, 0.25), (128, 256, 0.20), (256, 512, 0.15), (512, 1024, 0.05)]
+UF_RESPONSE_HIST = [(8, 128, 0.20), (128, 256, 0.25), (256, 512, 0.35), (512, 1024, 0.20)]
+
+
+def sample_lengths(hist, n, seed=0, cap=None):
+    """n lengths drawn from a histogram [(low, high, share)]; `cap` clips (as truncation would)."""
+    import random
+    rng = random.Random(seed)
+    bins = rng.choices(hist, weights=[w for _, _, w in hist], k=n)
+    return [min(rng.randrange(lo, hi), cap or hi) for lo, hi, _ in bins]
+
 
 # Peak dense bf16 tensor-core FLOP/s (no sparsity). First match of the GPU name wins, so specific names go first.
 PEAK_FLOPS = [

@@ -9,7 +9,10 @@
 #
 # Steps, in priority order (each under `timeout`; a step that would start with too little of the budget left is
 # skipped and says so): install (carried wheels, if .whl/*.whl exist), env, sft, dpo, gen (ours + HF in-process),
-# peer_sft, peer_dpo, reward, sft_compile, peer_gen. BENCH_BUDGET_S (default 560) is the whole run's budget.
+# peer_sft, peer_dpo, reward, sft_real, dpo_real (real-shape SFT packed/padded, UltraFeedback-shaped LoRA DPO),
+# sft_compile, peer_gen; gen15 (the generation workload at 1.5B shapes) only when named:
+#     bash bench/run_all.sh install env gen gen15
+# BENCH_BUDGET_S (default 560) is the whole run's budget.
 # Outputs: $OUT/bench.log (everything), $OUT/results.jsonl (the RESULT lines' JSON), and at the end a summary table
 # with the goals checked against the peer measured in the same run (bench/summarize.py).
 set -o pipefail
@@ -26,7 +29,7 @@ TINY=()
 if [[ -n "${BENCH_TINY:-}" ]]; then TINY=(--tiny); fi
 STEPS=("$@")
 if (( ${#STEPS[@]} == 0 )); then
-  STEPS=(install env sft dpo gen peer_sft peer_dpo reward sft_compile peer_gen)
+  STEPS=(install env sft dpo gen peer_sft peer_dpo reward sft_real dpo_real sft_compile peer_gen)
 fi
 
 note() { echo "== $*" | tee -a "$LOG"; }
@@ -82,17 +85,25 @@ for s in "${STEPS[@]}"; do
     sft)         run_step sft 150 30 $PY bench/bench_sft.py "${TINY[@]}" --cases "${SFT_CASES:-1024x8,2048x8,2048x8+ckpt}" ;;
     dpo)         run_step dpo 150 30 $PY bench/bench_dpo.py "${TINY[@]}" \
                    --cases "${DPO_CASES:-fp32,fp32+precompute,bf16,bf16+precompute,bf16+drop0}" ;;
-    gen)         run_step gen 240 40 $PY bench/bench_generate.py "${TINY[@]}" --peer ;;
+    gen)         run_step gen 360 40 $PY bench/bench_generate.py "${TINY[@]}" --peer ;;
+    gen15)       run_step gen15 240 60 $PY bench/bench_generate.py "${TINY[@]}" --shape 1.5b --cases workload \
+                   --peer --hf-cases workload+static ;;
     reward)      run_step reward 120 30 $PY bench/bench_reward.py "${TINY[@]}" --peer ;;
+    sft_real)    run_step sft_real 150 40 $PY bench/bench_sft.py "${TINY[@]}" --seq-len 2048 \
+                   --cases "${SFT_REAL_CASES:-real,real+nopack,real+flex,real+varlen}" ;;
+    dpo_real)    run_step dpo_real 120 30 $PY bench/bench_dpo.py "${TINY[@]}" --lora-r 16 --lora-alpha 32 \
+                   --prompt-len 512 --response-len 512 --cases "${DPO_REAL_CASES:-bf16+real,bf16+precompute+real}" ;;
     sft_compile) run_step sft_compile 200 90 $PY bench/bench_sft.py "${TINY[@]}" --cases "${SFT_COMPILE_CASES:-1024x8+compile}" ;;
     peer_sft)    have_peer peer_sft && run_step peer_sft 180 60 $PY .peer/peer_bench.py sft ;;
     peer_dpo)    have_peer peer_dpo && run_step peer_dpo 180 60 $PY .peer/peer_bench.py dpo ;;
     peer_gen)    have_peer peer_gen && run_step peer_gen 180 70 $PY .peer/peer_bench.py gen ;;
     peer_all)    have_peer peer_all && run_step peer_all 480 120 $PY .peer/peer_bench.py all ;;
-    *)           note "unknown step $s (install env sft dpo gen peer_sft peer_dpo reward sft_compile peer_gen peer_all)" ;;
+    *)           note "unknown step $s (install env sft dpo gen gen15 peer_sft peer_dpo reward sft_real dpo_real sft_compile peer_gen peer_all)" ;;
   esac
 done
 
 grep '^RESULT ' "$LOG" | sed 's/^RESULT //' > "$OUT/results.jsonl"
 note "summary ($(( $(date +%s) - START ))s total; every line of $OUT/results.jsonl):"
 $PY bench/summarize.py "$OUT/results.jsonl" 2>&1 | tee -a "$LOG"
+note "pipeline GPU-hours (bench/pipeline.py):"
+$PY bench/pipeline.py --log "$OUT/results.jsonl" 2>&1 | tee -a "$LOG"

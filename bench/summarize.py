@@ -11,7 +11,7 @@ import sys
 
 KEYS = ("tokens_per_s", "pairs_per_s", "new_tokens_per_s", "rows_per_s", "mfu", "peak_gib", "ours_over_hf",
         "logits_rel_diff", "scores_rel_diff", "decode_backends_accepting_mask_gqa", "decode_ms_as_called",
-        "decode_ms_kv_expanded", "error", "skipped")
+        "decode_ms_kv_expanded", "decode_ms_grouped_engine", "warmup_s", "error", "skipped")
 
 
 def read(path):
@@ -71,6 +71,11 @@ def main(path):
     for hf in ("hf_inproc_generate_dynamic_bs64", "hf_inproc_generate_static_bs64", "hf_generate_dynamic_bs64",
                "hf_generate_static_bs64"):
         check(f"sampling bs64 >= 5x HF ({hf})", "ours_generate_bs64", "new_tokens_per_s", hf, ratio_at_least=5)
+    check("workload (512 prompts x 4) >= 20000 new tok/s, 0.5B", "ours_generate_workload", "new_tokens_per_s",
+          at_least=20000)
+    for suffix in ("", "_15b"):
+        check(f"workload >= 10x HF static batch 64 ({suffix or '_05b'})", f"ours_generate_workload{suffix}",
+              "new_tokens_per_s", f"hf_inproc_generate_static_workload{suffix}", ratio_at_least=10)
 
 
 if __name__ == "__main__":

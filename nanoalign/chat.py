@@ -12,6 +12,8 @@ The mask is built while rendering, segment by segment, so it can never drift fro
     ids, mask = chat.render(messages)
     print(chat.show(ids, mask))                 # trained spans wrapped in [[ ]]
 """
+from datetime import datetime
+import json
 from pathlib import Path
 import re
 
@@ -58,6 +60,75 @@ QWEN25_CHAT_TEMPLATE = (
     "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
     "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
 )
+
+
+
+def chat_template(default_system: str | None = QWEN_SYSTEM) -> str:
+    """Qwen2.5's chat template with `default_system` as the system prompt it inserts when a conversation has none
+    (None: it inserts none): the template that renders exactly what Chat(tokenizer, default_system) renders. With
+    the Instruct default it is QWEN25_CHAT_TEMPLATE itself; with "You are a helpful assistant." it is the template
+    of the Qwen2.5 base models, character for character."""
+    if default_system is None:
+        parts = (f"'<|im_start|>system\\n{QWEN_SYSTEM}<|im_end|>\\n'", f"'{QWEN_SYSTEM}'")
+        template = QWEN25_CHAT_TEMPLATE
+        for part in parts:
+            assert template.count(part) == 1, part
+            template = template.replace(part, "''")
+        return template
+    # a jinja string literal, unescaped by jinja as Python's unicode-escape
+    literal = default_system.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r")
+    return QWEN25_CHAT_TEMPLATE.replace(QWEN_SYSTEM, literal)
+
+
+def read_chat_template(model_dir) -> str | None:
+    """The chat template of an HF dir: tokenizer_config.json["chat_template"], else chat_template.jinja."""
+    model_dir = Path(model_dir)
+    config = model_dir / "tokenizer_config.json"
+    if config.exists():
+        template = json.loads(config.read_text()).get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template:
+            return template
+    jinja = model_dir / "chat_template.jinja"
+    return jinja.read_text() if jinja.exists() else None
+
+
+def compile_chat_template(template: str):
+    """A jinja2 Template in the sandbox transformers' apply_chat_template uses: immutable, trim_blocks and
+    lstrip_blocks, loop controls, and its helpers raise_exception, strftime_now and a tojson that keeps non-ASCII."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def template_default_system(template: str, source="chat template") -> str | None:
+    """The system prompt a chat template inserts before a conversation that has none (None: it inserts none),
+    read by rendering it on a one-message conversation, as transformers would.
+
+    Raises:
+        InputError: the template fails on a plain user message.
+    """
+    import jinja2
+    try:
+        text = compile_chat_template(template).render(messages=[{"role": "user", "content": "?"}],
+                                                      add_generation_prompt=False)
+    except jinja2.TemplateError as e:
+        raise InputError(f"{source}: the chat template fails on a plain user message: {e}") from None
+    head = f"{IM_START}system\n"
+    if text.startswith(head) and IM_END in text:
+        return text[len(head):text.index(IM_END)]
+    return None
 
 
 class Chat:
@@ -153,10 +224,29 @@ class Chat:
         """Ids of the conversation so far plus the `<|im_start|>assistant\\n` generation prompt."""
         return self.render(messages, add_generation_prompt=True)[0]
 
-    def render_response(self, text: str) -> list[int]:
+    def render_response(self, text: str, finished: bool = True) -> list[int]:
         """A response as the model should emit it: render_prompt(p) + render_response(r) equals
-        render(p + [assistant r]) without its final "\\n"."""
-        return self.encode(text) + [self.im_end_id]
+        render(p + [assistant r]) without its final "\\n". An unfinished response (cut at a token limit) gets no
+        <|im_end|>: training must not teach the model to stop where it was only cut off."""
+        return self.encode(text) + ([self.im_end_id] if finished else [])
+
+    def save_for_export(self, out_dir):
+        """Make an exported HF dir (tokenizer files already copied) chat as this Chat trained it: its chat template
+        (tokenizer_config.json and chat_template.jinja) renders exactly what render() renders, and HF generate /
+        vLLM stop where our sampler stops (generation_config.json: eos <|im_end|> and <|endoftext|>, pad
+        <|endoftext|>), whatever the base model's own config says (a base Qwen2.5 stops only at <|endoftext|>)."""
+        out_dir = Path(out_dir)
+        template = chat_template(self.default_system)
+        (out_dir / "chat_template.jinja").write_text(template)
+        config_file = out_dir / "tokenizer_config.json"
+        if config_file.exists():
+            config = json.loads(config_file.read_text())
+            config.update(chat_template=template, eos_token=IM_END)
+            config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        gen_file = out_dir / "generation_config.json"
+        gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+        gen.update(eos_token_id=list(self.stop_ids), pad_token_id=self.pad_id)
+        gen_file.write_text(json.dumps(gen, indent=2) + "\n")
 
     def show(self, ids, mask) -> str:
         """Debug view: the decoded text (specials included) with trained spans wrapped in [[ ]]."""
@@ -170,9 +260,17 @@ class Chat:
         return "".join(out)
 
 
-def load_chat(path_or_hub_id, default_system: str | None = QWEN_SYSTEM) -> Chat:
+FROM_TEMPLATE = "from the dir's chat template"  # load_chat's default for default_system
+
+
+def load_chat(path_or_hub_id, default_system: str | None = FROM_TEMPLATE) -> Chat:
     """Chat from tokenizer.json in a local dir (or the file itself), else from a hub id like "Qwen/Qwen2.5-0.5B".
 
+    Args:
+        default_system: the system prompt inserted when a conversation has none. By default the one the dir's own
+            chat template inserts (Qwen2.5-Instruct: "You are Qwen, created by Alibaba Cloud. You are a helpful
+            assistant.", Qwen2.5 base: "You are a helpful assistant.", none for a template that inserts none), so
+            training renders what the model's template renders; Qwen2.5-Instruct's for a dir without a template.
     Raises:
         FileNotFoundError: a local dir without tokenizer.json, or a name that is neither a local path nor
             a reachable hub repo.
@@ -193,4 +291,12 @@ def load_chat(path_or_hub_id, default_system: str | None = QWEN_SYSTEM) -> Chat:
         except Exception as e:  # offline, no such repo, no such file: one line, not a 40-line traceback
             raise FileNotFoundError(f"{name}: not a local dir and tokenizer.json not available from the hub "
                                     f"({type(e).__name__})") from e
+        for extra in ("tokenizer_config.json", "chat_template.jinja"):  # where the template may be
+            try:
+                hf_hub_download(name, extra)
+            except Exception:
+                pass
+    if default_system is FROM_TEMPLATE:
+        template = read_chat_template(path.parent)
+        default_system = QWEN_SYSTEM if template is None else template_default_system(template, str(path.parent))
     return Chat(Tokenizer.from_file(str(path)), default_system=default_system)

@@ -275,6 +275,15 @@ def _response(value, field, where):
     return msgs[-1]["content"], msgs[:-1] or None
 
 
+def _finished(row, field, where):
+    """`chosen_finished` / `rejected_finished` (gen_synthetic.py writes them): False for an answer cut at the token
+    limit. Absent: finished (human data)."""
+    value = row.get(f"{field}_finished", True)
+    if not isinstance(value, bool):
+        raise InputError(f"{where}: field '{field}_finished' must be true or false, got {value!r}")
+    return value
+
+
 def _pair(row, where):
     """-> (prompt messages, chosen text, rejected text) from a UltraFeedback-style or plain-string row."""
     for field in ("chosen", "rejected"):
@@ -300,14 +309,16 @@ def preference_examples(records, chat, max_len, max_prompt_len):
     Rows: UltraFeedback-binarized form (`chosen`/`rejected` are message lists whose last message is the
     assistant response and whose earlier messages are the prompt conversation; `prompt` is used when they
     have none), or plain strings (`prompt`, `chosen`, `rejected`; `prompt` may also be a message list).
-    Extra fields (scores, ids) are ignored.
+    `chosen_finished` / `rejected_finished` false (an answer cut at the sampler's token limit) render that response
+    without its <|im_end|>. Other fields (scores, ids) are ignored.
 
     Truncation, like TRL: the prompt keeps its last max_prompt_len tokens, then each response keeps its first
     max_len - len(prompt) tokens (a cut response loses its <|im_end|>).
 
     Args:
         records: iterable of (where, row).
-        chat: nanoalign.chat.Chat (render_prompt includes the generation prompt; render_response ends in <|im_end|>).
+        chat: nanoalign.chat.Chat (render_prompt includes the generation prompt; render_response ends in <|im_end|>
+            when the response finished).
     Returns:
         (examples, stats): stats counts kept, dropped_identical (chosen == rejected, before or after
         truncation), prompt_cut and response_cut (kept pairs whose prompt / a response was cut).
@@ -320,7 +331,8 @@ def preference_examples(records, chat, max_len, max_prompt_len):
         files.add(_file(where))
         prompt, chosen, rejected = _pair(row, where)
         p = _named(where, chat.render_prompt, prompt)
-        c, r = chat.render_response(chosen), chat.render_response(rejected)
+        c = chat.render_response(chosen, _finished(row, "chosen", where))
+        r = chat.render_response(rejected, _finished(row, "rejected", where))
         prompt_cut = len(p) > max_prompt_len
         p = p[-max_prompt_len:]  # keep the end: the question and the generation prompt
         room = max_len - len(p)
@@ -399,27 +411,50 @@ def mix(example_lists, weights, seed):
 
 def split_holdout(examples, frac, seed):
     """Deterministic (train, eval) split: eval gets round(frac * n) examples (at least 1 when frac > 0),
-    chosen at random with `seed`; both keep the input order."""
+    chosen at random with `seed`; both keep the input order. A copy of a held-out example (same content) is
+    kept out of train too, so nothing is evaluated on what it trained on."""
     n = len(examples)
     n_eval = max(1, round(frac * n)) if frac > 0 else 0
     if n_eval >= n:
         raise InputError(f"--eval-frac {frac}: a holdout of {n_eval} leaves no training examples out of {n}")
     held = set(random.Random(seed).sample(range(n), n_eval))
-    train = [ex for i, ex in enumerate(examples) if i not in held]
     evals = [ex for i, ex in enumerate(examples) if i in held]
+    held_content = {_content(ex) for ex in evals}
+    train = [ex for i, ex in enumerate(examples) if i not in held and not (held and _content(ex) in held_content)]
     return train, evals
 
 
-def shard(examples, rank, world):
-    """This rank's share: examples rank, rank + world, ... of the first (n // world) * world.
+def holdout_and_mix(sources, weights, frac, seed):
+    """Hold out `frac` of each source, then mix only the train parts (see mix): (train, eval).
 
-    The last n % world examples are dropped so that every rank gets the same number of examples, hence the
-    same number of steps: a rank with one extra step would hang DDP's gradient all-reduce.
+    Holding out after mixing would leak: a source upsampled 2x has both copies of a pair in the mix, and the held-out
+    one's twin stays in train. Eval holds each held-out pair once, whatever its source's weight; a source of
+    weight 0 is left out of both. No train example has the content of an eval one (even across sources).
+    """
+    assert len(sources) == len(weights), "one weight per source"
+    parts = [split_holdout(examples, frac, seed) if w > 0 else ([], []) for examples, w in zip(sources, weights)]
+    evals = [ex for _, held in parts for ex in held]
+    held_content = {_content(ex) for ex in evals}
+    trains = [[ex for ex in train if _content(ex) not in held_content] for train, _ in parts]
+    return mix(trains, weights, seed), evals
+
+
+def _content(example):
+    """A hashable stand-in for an example's content ({"ids": [...], "mask": [...]} and the like, or a plain value)."""
+    if isinstance(example, dict):
+        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(example.items()))
+    return example
+
+
+def shard(examples, rank, world):
+    """This rank's share of an evaluation: examples rank, rank + world, ...
+
+    Shares differ by at most one example and together hold every example (a rank may get none), so sums and counts
+    all-reduced over ranks cover the whole set whatever the world size. Only for loops with no collective inside
+    (eval, reference precompute); training steps come from step_batches, where every rank runs the same steps.
     """
     assert 0 <= rank < world, f"rank {rank} outside world of {world}"
-    per_rank = len(examples) // world
-    assert per_rank > 0, f"{len(examples)} examples cannot be sharded over {world} ranks"
-    return examples[rank:per_rank * world:world]
+    return examples[rank::world]
 
 
 # -----------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def main(argv=None):
     sample_args = ["--reward", "toy", "--max-new-tokens", 8, "--precision", "fp32", "--device", "cpu"]
     # 8 samples per prompt; a pair only where round 1 is sometimes right (1.0) and sometimes not (0.5, 0.1 or 0)
     step("gen_synthetic.py", "--model", sft / "final", "--adapter", dpo / "final", "--prompts",
-         out / "data/gen_prompts.jsonl", "--out", synth, "--n", 8, "--temperature", 1.0, "--top-p", 1.0,
+         out / "data/gen_prompts.jsonl", "--out", synth, "--num-samples", 8, "--temperature", 1.0, "--top-p", 1.0,
          "--min-gap", 0.5, "--drop-empty", *sample_args, log=out / "logs/gen.log")
     step("train_dpo.py", "--model", sft / "final", "--adapter", dpo / "final", "--data", synth / "pairs.jsonl",
          "--out", dpo2, "--max-steps", 100, *dpo_args, log=out / "logs/dpo2.log")

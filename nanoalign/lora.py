@@ -84,13 +84,18 @@ class LoRALinear(nn.Module):
                 y = y + adapter(x).to(y.dtype)
         return y
 
-    def to_linear(self) -> nn.Linear:
-        """Fold every adapter (enabled or not) into the base weight, W += alpha/r * B @ A; a plain nn.Linear back."""
+    def to_linear(self, dtype=None) -> nn.Linear:
+        """Fold every adapter (enabled or not) into the base weight, W += alpha/r * B @ A; a plain nn.Linear back.
+        The sum is taken in fp32 and rounded once, to `dtype` (default: the base weight's)."""
         with torch.no_grad():
             delta = sum(adapter.delta_weight() for adapter in self.adapters.values())
-            self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))  # one rounding in bf16
+            merged = (self.weight.float() + delta).to(dtype or self.weight.dtype)  # one rounding in bf16
+            if merged.dtype == self.weight.dtype:
+                merged = self.weight.copy_(merged)  # the same Parameter object as before
+            else:
+                merged = nn.Parameter(merged, requires_grad=self.weight.requires_grad)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight, linear.bias = self.weight, self.bias
+        linear.weight, linear.bias = merged, self.bias
         return linear
 
     def extra_repr(self):
@@ -185,14 +190,15 @@ def adapters_disabled(model, names=None):
             a.enabled = enabled
 
 
-def merge_lora(model):
+def merge_lora(model, dtype=None):
     """Fold every adapter into its base weight and put plain nn.Linear modules back; returns the model.
 
+    dtype: the merged weights' dtype (default: each base weight's own); summed in fp32 either way.
     lm_head is never wrapped, so a tied model stays tied and `save_model` writes a plain HF dir.
     """
     for full_name, layer in _lora_layers(model).items():
         parent_name, child = full_name.rsplit(".", 1)
-        setattr(model.get_submodule(parent_name), child, layer.to_linear())
+        setattr(model.get_submodule(parent_name), child, layer.to_linear(dtype))
     return model
 
 
@@ -291,7 +297,8 @@ def read_adapter_config(adapter_dir) -> dict:
 def load_adapter(model, path, name=None, trainable=False) -> list:
     """Load a PEFT-format LoRA adapter (ours or PEFT's; a dir or a hub id) into `model` as adapter `name`.
 
-    Like add_lora, every other parameter is frozen; `trainable=False` freezes the new adapter too.
+    Like add_lora, every other parameter is frozen; `trainable=False` freezes the new adapter too and drops its
+    lora_dropout (dropout belongs to training; a frozen adapter is applied as is, in train mode too).
 
     Args:
         name: the adapter's name in the model, "default" if None
@@ -332,7 +339,10 @@ def load_adapter(model, path, name=None, trainable=False) -> list:
                                                                         for k in unexpected) else ""
         raise InputError(f"{weights_file}: unexpected tensors {unexpected[:5]}{hint}")
     name = name or "default"
-    _add_adapter(model, name, module_names, r, config["lora_alpha"], config.get("lora_dropout") or 0.0)
+    # a frozen adapter is part of the model, not something being trained: no dropout, or the train-mode policy
+    # pass would differ from the eval-mode reference pass and round 2 would not start at ln 2
+    dropout = config.get("lora_dropout") or 0.0 if trainable else 0.0
+    _add_adapter(model, name, module_names, r, config["lora_alpha"], dropout)
     with torch.no_grad():
         for n in module_names:
             adapter = model.get_submodule(n).adapters[name]
@@ -349,11 +359,13 @@ def load_merged(model_path, adapters=(), dtype=torch.float32, device="cpu"):
     """A model with its adapters (in stacking order) folded into the weights, ready to sample from.
 
     Merging happens in fp32 before the cast to `dtype`, so a bf16 sampler sees the same weights a merged export
-    would, and decoding pays for no extra LoRA matmuls.
+    would, and decoding pays for no extra LoRA matmuls. Only `dtype` ever reaches `device`: the merge runs on
+    the CPU, on the weights as stored, one layer at a time in fp32 (a bf16 8B model never becomes 32 GB of fp32).
     """
-    model = load_model(model_path, dtype=torch.float32, device=device)
+    if not adapters:
+        return load_model(model_path, dtype=dtype, device=device).eval()
+    model = load_model(model_path, dtype=None, device="cpu")  # the checkpoint's own dtype(s)
     for i, path in enumerate(adapters):
         load_adapter(model, path, name=f"round{i}")
-    if adapters:
-        merge_lora(model)
-    return model.to(dtype).eval()
+    merge_lora(model, dtype=dtype)
+    return model.to(device=device, dtype=dtype).eval()

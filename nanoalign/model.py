@@ -26,7 +26,7 @@ SUPPORTED = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "generation_config.json")
+                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
 
 @dataclass
@@ -137,21 +137,59 @@ def apply_rope(x, cos, sin):  # x [b, h, t, hd], cos/sin [b, t, hd]
 
 
 class KVCache:
-    """Static, preallocated keys and values for decoding, one buffer per layer: [b, n_kv, max_len, head_dim].
+    """Static, preallocated keys and values, one buffer per layer: [slots, n_kv, max_len, head_dim]; each slot holds
+    one sequence from position 0 (no left padding), so a token's position is its slot index in the cache.
 
-    Slots fill left to right; `key_mask` remembers which slots hold real tokens (left padding), `seen` how many
-    real tokens each row has had (its next position id). Shapes never change, which keeps the decode step
-    friendly to CUDA graphs / torch.compile.
+    A forward given the cache either prefills `rows` (set by the caller: new sequences, right-padded, from position 0;
+    they attend causally among themselves, which never reaches a pad) or, with rows = None, decodes every slot (one
+    token each at its position_ids, attending to the cache up to that position, read through the first `span` keys).
+    Writes are index_put_ at tensor positions, so a decode step has static shapes and no host sync: a CUDA graph or
+    torch.compile(mode="reduce-overhead") can capture it. What a pad or an idle slot writes beyond a sequence's end
+    is overwritten before any query may attend to it.
     """
 
-    def __init__(self, config: ModelConfig, batch_size, max_len, dtype, device):
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+    def __init__(self, config: ModelConfig, slots, max_len, dtype, device):
+        shape = (slots, config.num_key_value_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.pos = 0
-        self.max_len = max_len
+        self.all_rows = torch.arange(slots, device=device)
+        self.key_slots = torch.arange(max_len, device=device)
+        self.max_len = self.span = max_len
+        self.rows = None  # [n] long slots being prefilled, or None: decode all slots
+        self.positions = None
+
+    def begin(self, position_ids):
+        """Called by the forward: remembers where its tokens go; returns the decode mask [b, 1, t, span] (True =
+        may attend) or None for a prefill (plain causal attention)."""
+        self.positions = position_ids  # [b, t]
+        if self.rows is not None:
+            return None
+        return (self.key_slots[:self.span] <= position_ids[:, :, None])[:, None]
+
+    def update(self, layer_idx, k, v):
+        """Write k/v [b, n_kv, t, hd] at (row, position); return what the queries attend to."""
+        rows = (self.all_rows if self.rows is None else self.rows)[:, None]  # [b, 1]
+        self.k[layer_idx][rows, :, self.positions] = k.transpose(1, 2)  # [b, t, n_kv, hd] at (row, position)
+        self.v[layer_idx][rows, :, self.positions] = v.transpose(1, 2)
+        if self.rows is not None:
+            return k, v
+        return self.k[layer_idx][:, :, :self.span], self.v[layer_idx][:, :, :self.span]
+
+
+def grouped_decode_attention(q, k, v, mask):
+    """Masked attention of a few queries per row with grouped K/V heads, reading each K/V head once (SDPA with a
+    mask and enable_gqa falls back to its math kernel, which expands K/V to every query head first).
+
+    q [b, h, t, hd], k/v [b, n_kv, s, hd], mask [b, 1, t, s] bool -> [b, h, t, hd]
+    """
+    b, h, t, hd = q.shape
+    n_kv, s = k.shape[1], k.shape[2]
+    g = h // n_kv
+    q = q.reshape(b, n_kv, g * t, hd)  # query head i uses kv head i // g, as repeat_interleave
+    att = (q @ k.transpose(-1, -2)).float() * hd ** -0.5  # [b, n_kv, g*t, s]
+    att = att.view(b, n_kv, g, t, s).masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
+    y = att.view(b, n_kv, g * t, s).to(v.dtype) @ v  # [b, n_kv, g*t, hd]
+    return y.view(b, h, t, hd)
 
 
 class Attention(nn.Module):
@@ -178,9 +216,10 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [b, n_head, t, hd]
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [b, n_kv, t, hd]
         if cache is not None:
-            cache.k[layer_idx][:, :, cache.pos:cache.pos + t] = k
-            cache.v[layer_idx][:, :, cache.pos:cache.pos + t] = v
-            k, v = cache.k[layer_idx], cache.v[layer_idx]
+            k, v = cache.update(layer_idx, k, v)
+            if mask is not None:  # decoding: a few queries over the whole cache
+                y = grouped_decode_attention(q, k, v, mask)
+                return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
         gqa = self.n_kv != self.n_head
         if isinstance(mask, Documents):  # packed rows: attention confined to each document
             y = mask.attend(q, k, v, gqa)
@@ -218,19 +257,17 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask_4d(attention_mask, cache: KVCache | None):
-    """Boolean [b, 1, t, s] mask (True = may attend) for left-padded input, or None for the plain causal case.
+def attention_mask_4d(attention_mask):
+    """Boolean [b, 1, t, t] mask (True = may attend) for a left-padded input.
 
     Every query may attend to its own slot, so a padded query row is never fully masked: SDPA turns a row with
-    nothing to attend to into NaN, which would then leak through the cache and the gradients (PITFALLS #5).
+    nothing to attend to into NaN, which would then leak through the gradients (PITFALLS #5).
     """
-    b, t = attention_mask.shape
-    start = cache.pos if cache is not None else 0
-    keys = cache.key_mask if cache is not None else attention_mask.bool()  # [b, s]
-    q_slot = torch.arange(start, start + t, device=keys.device)[:, None]   # [t, 1]
-    k_slot = torch.arange(keys.shape[1], device=keys.device)[None, :]       # [1, s]
-    causal = k_slot <= q_slot                                               # [t, s]
-    return (causal & keys[:, None, :] | (k_slot == q_slot))[:, None]        # [b, 1, t, s]
+    t = attention_mask.shape[1]
+    keys = attention_mask.bool()  # [b, t]
+    slot = torch.arange(t, device=keys.device)
+    causal = slot[None, :] <= slot[:, None]                                 # [t, t]
+    return (causal & keys[:, None, :] | torch.eye(t, dtype=torch.bool, device=keys.device))[:, None]  # [b, 1, t, t]
 
 
 # -----------------------------------------------------------------------------
@@ -317,27 +354,23 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache: KVCache | None = None,
                 document_ids=None):
+        """kv_cache: see KVCache (position_ids required, attention_mask unused); document_ids: packed training rows
+        (see Documents); otherwise a right-padded or unpadded batch (no mask, or all ones) runs plain causal
+        attention, flash path, no host sync."""
         if document_ids is not None:  # packed rows (training): no padding mask, no cache
             assert attention_mask is None and kv_cache is None, "document_ids is for packed training rows"
             position_ids = document_positions(document_ids) if position_ids is None else position_ids
             return self._run(input_ids, position_ids, Documents(document_ids, self.packed_attention), None)
-        b, t = input_ids.shape
-        # no mask, no cache (training on right-padded batches): plain causal attention, flash path, no host sync
-        padded = kv_cache is not None or (attention_mask is not None and not bool(attention_mask.all()))
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         if kv_cache is not None:
-            assert kv_cache.pos + t <= kv_cache.max_len, "KV cache is full"
-            kv_cache.key_mask[:, kv_cache.pos:kv_cache.pos + t] = attention_mask.bool()
-        if position_ids is None:
-            seen = kv_cache.seen[:, None] if kv_cache is not None else 0
-            position_ids = (seen + attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        mask = attention_mask_4d(attention_mask, kv_cache) if padded else None
-        x = self._run(input_ids, position_ids, mask, kv_cache)
-        if kv_cache is not None:
-            kv_cache.pos += t
-            kv_cache.seen += attention_mask.long().sum(-1)
-        return x
+            assert position_ids is not None, "a forward with a KV cache needs position_ids"
+            mask = kv_cache.begin(position_ids)
+        else:
+            padded = attention_mask is not None and not bool(attention_mask.all())
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if padded else \
+                    torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+            mask = attention_mask_4d(attention_mask) if padded else None
+        return self._run(input_ids, position_ids, mask, kv_cache)
 
     def _run(self, input_ids, position_ids, mask, kv_cache):
         x = self.embed_tokens(input_ids)
@@ -426,7 +459,7 @@ def load_weights(module: nn.Module, tensors: dict, source, dtype, device, option
 
 
 def load_model(path_or_hub_id, dtype=torch.float32, device="cpu") -> CausalLM:
-    """Load an HF-format Qwen2/Qwen2.5 (or Qwen3) causal LM from a dir or a hub id."""
+    """Load an HF-format Qwen2/Qwen2.5 (or Qwen3) causal LM from a dir or a hub id (dtype None: as stored)."""
     model_dir = resolve_model_dir(path_or_hub_id)
     config = load_config(model_dir)
     with torch.device("meta"):
@@ -449,7 +482,8 @@ def base_state_dict(model: nn.Module) -> dict:
 
 
 def save_model(model: nn.Module, out_dir, tokenizer_from=None, dtype=None, architecture=None):
-    """Write an HF-format dir: config.json + model.safetensors (+ tokenizer files copied from `tokenizer_from`)."""
+    """Write an HF-format dir: config.json + model.safetensors (+ tokenizer files copied from `tokenizer_from`, with
+    the chat template and generation_config.json of what was trained: see Chat.save_for_export)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = base_state_dict(model)
@@ -465,6 +499,9 @@ def save_model(model: nn.Module, out_dir, tokenizer_from=None, dtype=None, archi
             src = Path(tokenizer_from) / name
             if src.exists() and src.resolve() != (out_dir / name).resolve():
                 shutil.copy(src, out_dir / name)
+        if (Path(tokenizer_from) / "tokenizer.json").exists():
+            from nanoalign.chat import load_chat
+            load_chat(tokenizer_from).save_for_export(out_dir)
     return out_dir
 
 

@@ -31,16 +31,18 @@ def wilson_interval(wins, n, z=1.959964):
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return center - half, center + half
+    return max(0.0, center - half), min(1.0, center + half)  # exact ends are 0 or 1; rounding must not cross
 
 
 def win_rate(scores_a, scores_b, tie_eps=0.0):
     """A's win rate over B on paired scores: wins / (wins + losses); ties (|a - b| <= tie_eps) counted apart.
 
     Returns a dict: wins, losses, ties, n (prompts), win_rate, ci95 (Wilson, over wins + losses), mean rewards,
-    and margin_weighted_win_rate = sum of A's winning margins / sum of all |margins| (ties excluded).
+    and margin_weighted_win_rate = sum of A's winning margins / sum of all |margins| (ties excluded). A value with
+    nothing to average (no decided prompt, no prompt) is None: JSON null, never NaN.
     """
     assert len(scores_a) == len(scores_b), "one score of each model per prompt"
+    assert all(math.isfinite(s) for s in [*scores_a, *scores_b]), "non-finite score: not a verdict"
     diffs = [a - b for a, b in zip(scores_a, scores_b)]
     wins = sum(d > tie_eps for d in diffs)
     losses = sum(d < -tie_eps for d in diffs)
@@ -50,7 +52,7 @@ def win_rate(scores_a, scores_b, tie_eps=0.0):
     low, high = wilson_interval(wins, decided)
     n = len(diffs)
     return dict(wins=wins, losses=losses, ties=ties, n=n,
-                win_rate=wins / decided if decided else float("nan"), ci95=[low, high],
-                mean_reward_a=sum(scores_a) / n if n else float("nan"),
-                mean_reward_b=sum(scores_b) / n if n else float("nan"),
-                margin_weighted_win_rate=sum(d for d in diffs if d > tie_eps) / total_margin if total_margin else float("nan"))
+                win_rate=wins / decided if decided else None, ci95=[low, high],
+                mean_reward_a=sum(scores_a) / n if n else None,
+                mean_reward_b=sum(scores_b) / n if n else None,
+                margin_weighted_win_rate=sum(d for d in diffs if d > tie_eps) / total_margin if total_margin else None)

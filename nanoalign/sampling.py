@@ -1,16 +1,13 @@
-"""KV-cached batched sampling: temperature, top-k, top-p, per-row stop ids, left-padded prompts of any lengths.
+"""Choosing the next token: temperature, top-k, top-p, vocab limit, and counter-based random numbers that make
+sample k of prompt p depend only on (seed, p, k). The generation loop around it is nanoalign/engine.py.
 
-    outs = generate(model, [chat.render_prompt(c) for c in convs], max_new_tokens=256, stop_ids=chat.stop_ids,
-                    pad_id=chat.pad_id, temperature=0.7, top_p=0.9, seed=0, vocab_limit=chat.vocab_size)
-    texts = generate_texts(model, chat, convs, max_new_tokens=256, n=4, temperature=1.0, seed=0)
-
-Each output holds the NEW tokens only, without padding, and ends with the stop token when the row stopped: a row
-without one was cut by max_new_tokens (a truncated completion).
+    tok = sample_next(logits, temperature=0.8, top_p=0.95, vocab_limit=151665, streams=(keys, counters))
 """
+import hashlib
+
 import torch
 
 from nanoalign.errors import InputError
-from nanoalign.model import KVCache
 
 # -----------------------------------------------------------------------------
 # One sampling step
@@ -42,8 +39,8 @@ def top_k_top_p_filter(logits, top_k=0, top_p=1.0):
     return torch.full_like(logits, float("-inf")).scatter(-1, idx, vals)
 
 
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, vocab_limit=None):
-    """Next token ids from last-position logits.
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, vocab_limit=None, streams=None):
+    """Next token ids from last-position logits, with no host sync (a CUDA graph can hold it).
 
     Args:
         logits: [b, V]; any float dtype (sampled in fp32).
@@ -51,6 +48,8 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, voc
         generator: torch.Generator on logits' device, for reproducible draws.
         vocab_limit: ids >= vocab_limit are never chosen: Qwen's embedding has 151,936 rows, its tokenizer
             151,665 tokens, and the untrained rows must not be sampled (PITFALLS #6).
+        streams: (keys [b, 2], counters [b]) long: draw row r's uniform from stream_uniform instead of the
+            generator, so a row's token depends on its own key and counter, never on the batch it sits in.
     Returns:
         [b] long.
     """
@@ -58,105 +57,40 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, voc
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = top_k_top_p_filter(logits / temperature, top_k, top_p).softmax(dim=-1)
-    # torch.multinomial(probs, 1) draws exactly this way (argmax of probs / Exp(1) noise), but first checks
-    # the probabilities with a .item() that syncs the GPU on every token
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / noise).argmax(dim=-1)
+    if streams is not None:
+        u = stream_uniform(*streams)
+    else:
+        u = torch.rand(probs.shape[0], device=probs.device, generator=generator)
+    # inverse CDF: the first id whose cumulative mass reaches u. A filtered id adds 0 to the sum, so it can never
+    # be that first id; one uniform per row (torch.multinomial would check the probabilities with a .item() sync)
+    cdf = probs.cumsum(dim=-1)  # [b, V]
+    target = u.clamp(2 ** -25, 1 - 2 ** -24)[:, None] * cdf[:, -1:]  # [b, 1], strictly inside (0, total)
+    return (cdf < target).sum(dim=-1)
 
 
 # -----------------------------------------------------------------------------
-# Batched generation with a static KV cache
+# Counter-based random numbers: sample k of prompt p depends on (seed, p, k) and its token index only
+
+M31 = 2 ** 31 - 1
 
 
-def _left_pad(prompts, pad_id, device):
-    """[b, t] ids and attention mask (1 = real token), prompts right-aligned so every row ends at the last slot."""
-    t = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), t), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, t - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, t - len(p):] = 1
-    return ids.to(device), mask.to(device)
+def hash31(x):
+    """A bijective hash of 31-bit integers held in int64; every product stays below 2^62, so the result is the same
+    on every device (no overflow)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & M31
+    x = ((x >> 16) ^ x) * 0x45D9F3B & M31
+    return (x >> 16) ^ x
 
 
-def _last_logits(model, ids, mask, cache):
-    hidden = model(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)  # [b, t, d]
-    return model.lm_head(hidden[:, -1])  # [b, V]: never the full [b, t, V] (151,936 columns) of a long prefill
+def stream_key(seed, key) -> tuple[int, int]:
+    """Two 31-bit words naming the random stream of one request, from the run's seed and the request's key
+    (e.g. (prompt_id, sample index)): a stable hash, the same in every process and Python version."""
+    digest = hashlib.blake2b(repr((seed, key)).encode(), digest_size=8).digest()
+    word = int.from_bytes(digest, "little")
+    return word & M31, (word >> 31) & M31
 
 
-def _generate_batch(model, prompts, max_new_tokens, stop, pad_id, generator, sample_kw):
-    param = next(model.parameters())
-    ids, mask = _left_pad(prompts, pad_id, param.device)
-    b, t = ids.shape
-    cache = KVCache(model.config, b, t + max_new_tokens, param.dtype, param.device)
-    out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=param.device)
-    done = torch.zeros(b, dtype=torch.bool, device=param.device)
-    live = torch.ones((b, 1), dtype=torch.long, device=param.device)
-    logits = _last_logits(model, ids, mask, cache)  # prefill; positions = cumsum(mask) - 1
-    for step in range(max_new_tokens):
-        tok = sample_next(logits, generator=generator, **sample_kw)  # [b]
-        tok = torch.where(done, pad_id, tok)  # finished rows feed pad; their outputs are cut below
-        out[:, step] = tok
-        done |= torch.isin(tok, stop)
-        if step + 1 == max_new_tokens or bool(done.all()):  # the one GPU sync per token
-            break
-        logits = _last_logits(model, tok[:, None], live, cache)  # [b, 1]: positions continue from cache.seen
-    stop_set = set(stop.tolist())
-    results = []
-    for row in out[:, :step + 1].tolist():
-        end = next((i + 1 for i, x in enumerate(row) if x in stop_set), len(row))
-        results.append(row[:end])
-    return results
-
-
-@torch.inference_mode()
-def generate(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_k=0, top_p=1.0, seed=None,
-             vocab_limit=None, batch_size=None):
-    """Sample continuations of token-id prompts of different lengths, batched, with a KV cache.
-
-    Each batch is left-padded to its longest prompt, prefilled in one forward, then decoded one token per step;
-    a row is done at its first stop id (pass both <|im_end|> and <|endoftext|> for Qwen, PITFALLS #2), and the
-    loop ends when all rows are done or after max_new_tokens.
-
-    Args:
-        model: CausalLM (LoRA-wrapped layers fine); runs in its dtype and device, under inference_mode.
-        prompts: list of non-empty lists of token ids.
-        stop_ids: iterable of ids that end a row (may be empty).
-        pad_id: id fed for left padding and for finished rows (never attended to as padding, never returned).
-        temperature, top_k, top_p, vocab_limit: see sample_next (temperature 0 = greedy).
-        seed: seeds one torch.Generator on the model's device; same seed, prompts and batch_size -> same output.
-        batch_size: prompts per forward (None = all at once); prompts are sorted by length into batches to cut
-            padding, and results come back in the original order.
-    Returns:
-        One list per prompt of the NEW token ids: no padding, ending with the stop id if the row stopped; a row
-        without a stop id was cut at max_new_tokens.
-    """
-    assert all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
-    if max_new_tokens <= 0 or not prompts:
-        return [[] for _ in prompts]
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    stop = torch.tensor(sorted(set(stop_ids or ())), dtype=torch.long, device=device)
-    sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, vocab_limit=vocab_limit)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if batch_size else list(range(len(prompts)))
-    batch_size = batch_size or len(prompts)
-    results = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        outs = _generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, stop, pad_id, generator, sample_kw)
-        for i, o in zip(chunk, outs):
-            results[i] = o
-    return results
-
-
-def generate_texts(model, chat, conversations, max_new_tokens, n=1, **kw):
-    """n sampled replies per conversation, decoded without special tokens (so truncation is no longer visible:
-    use generate for that). chat is a nanoalign.chat.Chat; its stop ids, pad id and vocab size are the defaults.
-
-    Returns:
-        [len(conversations)][n] strings.
-    """
-    kw = dict(stop_ids=chat.stop_ids, pad_id=chat.pad_id, vocab_limit=chat.vocab_size) | kw
-    prompts = [chat.render_prompt(c) for c in conversations for _ in range(n)]
-    texts = [chat.decode(o) for o in generate(model, prompts, max_new_tokens, **kw)]
-    return [texts[i * n:(i + 1) * n] for i in range(len(conversations))]
+def stream_uniform(keys, counters):
+    """One uniform in (0, 1) per row: a fixed function of the row's key [b, 2] and counter [b] (its token index)."""
+    bits = hash31(hash31(hash31(keys[:, 0] ^ (counters & M31)) ^ keys[:, 1]))
+    return ((bits >> 7).float() + 0.5) * 2 ** -24  # 24 bits: all an fp32 holds

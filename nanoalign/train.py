@@ -48,9 +48,10 @@ def setup_distributed(device_name=None) -> Dist:
 
 def one_line_errors(*extra_types):
     """Bad input ends the script with one line on stderr instead of a traceback: an InputError (its message names
-    the file, line, field or flag), a missing or unreadable path the user gave, or one of `extra_types`. Anything
-    else is a bug and keeps its traceback. NANOALIGN_TRACEBACK=1 shows tracebacks for everything."""
-    types = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, *extra_types)
+    the file, line, field or flag), a missing or unreadable path the user gave, a diverged run (NonFiniteError), or
+    one of `extra_types`. Anything else is a bug and keeps its traceback. NANOALIGN_TRACEBACK=1 shows tracebacks for everything."""
+    types = (InputError, NonFiniteError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+             *extra_types)
 
     def hook(kind, value, tb):
         if issubclass(kind, types) and not os.environ.get("NANOALIGN_TRACEBACK"):
@@ -58,6 +59,21 @@ def one_line_errors(*extra_types):
         else:
             sys.__excepthook__(kind, value, tb)
     sys.excepthook = hook
+
+
+# The oldest torch each call needs. The core path (SDPA with enable_gqa) sets pyproject.toml's floor; a flag whose
+# call is newer checks it with require_torch, so an older torch gets one line naming the flag, not an AttributeError.
+TORCH_FLOOR = "2.5"  # F.scaled_dot_product_attention(enable_gqa=) and flex_attention(enable_gqa=)
+TORCH_FOR = {"--fsdp": "2.6",  # torch.distributed.fsdp.fully_shard (FSDP2) public
+             "--pack-attn varlen": "2.12"}  # torch.nn.attention.varlen.varlen_attn(enable_gqa=)
+
+
+def require_torch(feature):
+    """InputError when the installed torch is older than what `feature` (a key of TORCH_FOR) calls."""
+    have = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    need = TORCH_FOR[feature]
+    if have < tuple(int(x) for x in need.split(".")):
+        raise InputError(f"{feature} needs torch >= {need} (installed: {torch.__version__})")
 
 
 def print0(*args, **kwargs):
@@ -87,6 +103,25 @@ def wrap_ddp(model, d: Dist):
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, gradient_as_bucket_view=True)
+
+
+def wrap_fsdp(model, d: Dist, precision):
+    """FSDP2: each decoder block, then the whole model, sharded over the ranks (parameters, gradients and
+    optimizer state: 1/world of each per rank). Build the optimizer after this. Under bf16 on CUDA the gathered
+    parameters are bf16 and gradients are reduced in fp32; otherwise fp32 throughout (as the tests on CPU run)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    low = precision == "bf16" and d.device.type == "cuda"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if low else None, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def full_state_dict(model):
+    """The full (unsharded) state dict on CPU of an FSDP model, on rank 0 (empty elsewhere); all ranks call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def cleanup_distributed():
@@ -150,16 +185,55 @@ def lr_at(step, total_steps, lr, warmup_steps=0, schedule="cosine", min_lr_ratio
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * decay)
 
 
-def optimizer_step(model, optimizer, scaler, clip):
+def optimizer_step(model, optimizer, scaler, clip, loss=0.0):
     """Unscale (fp16), clip the trainable params' gradient norm (clip 0: no clipping), step, zero the grads.
-    Returns the norm before clipping."""
+
+    A step whose loss (pass the global one, so that every rank decides alike) or gradient norm is not finite is
+    skipped: its update would put NaN/inf into the weights. Under fp16 an overflowed gradient with a finite loss is
+    the GradScaler's usual skip (it lowers its scale and goes on); that one is not a bad step.
+    Returns (the gradient norm before clipping, whether this was a bad step)."""
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    scaler.step(optimizer)  # skipped by the scaler when an fp16 gradient overflowed
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor norm
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = float(grad_norm)
+    bad = not math.isfinite(loss) or not (math.isfinite(grad_norm) or scaler.is_enabled())
+    if not bad:
+        scaler.step(optimizer)  # skipped by the scaler when an fp16 gradient overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+    return grad_norm, bad
+
+
+class NonFiniteError(RuntimeError):
+    """Training diverged (non-finite loss, gradients or weights): one line from one_line_errors, nothing saved."""
+
+
+class DivergenceGuard:
+    """Stops a run after `limit` consecutive bad steps (0: never); a good step resets the count."""
+
+    def __init__(self, limit):
+        self.limit, self.in_a_row = limit, 0
+
+    def update(self, step, bad, loss, grad_norm):
+        self.in_a_row = self.in_a_row + 1 if bad else 0
+        if self.limit and self.in_a_row >= self.limit:
+            raise NonFiniteError(f"step {step}: non-finite loss ({loss:.4g}) or gradient norm ({grad_norm:.4g}) "
+                                 f"for {self.in_a_row} steps in a row (--max-bad-steps {self.limit}): stopped, "
+                                 f"nothing saved; lower --lr or resume from an earlier checkpoint")
+
+
+def check_finite_weights(model, step):
+    """Raise NonFiniteError instead of saving a NaN/inf weight. Every rank calls it (each checks what it holds: all
+    of it under DDP, its shard under FSDP) and the verdict is summed over ranks, so all stop together rather than
+    some waiting at a barrier or a gather."""
+    bad = [n for n, p in model.named_parameters()
+           if p.requires_grad and not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+    if all_reduce_sum(len(bad), next(model.parameters()).device):
+        where = f"{bad[0]}{f' and {len(bad) - 1} more' if bad[1:] else ''}" if bad else "in another rank's shard"
+        raise NonFiniteError(f"step {step}: non-finite weights ({where}): not saved; lower --lr or resume from an "
+                             f"earlier checkpoint")
 
 
 def set_lr(optimizer, lr):
@@ -209,7 +283,14 @@ class MetricsLog:
     def log(self, **row):
         if self.enabled:
             with self.path.open("a") as f:
-                f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}) + "\n")
+                f.write(json.dumps({k: _json_number(v) for k, v in row.items()}, allow_nan=False) + "\n")
+
+
+def _json_number(v):
+    """Floats rounded to 6 places; NaN/inf become null (JSON has no NaN: a NaN token breaks every JSON reader)."""
+    if isinstance(v, float):
+        return round(v, 6) if math.isfinite(v) else None
+    return v
 
 
 # -----------------------------------------------------------------------------

@@ -120,6 +120,7 @@ def test_generation_prompt_and_response(chat):
     assert set(chat.render(CONVO[:1], add_generation_prompt=True)[1]) == {0}
     assert chat.render_prompt(prompt) == ids
     assert chat.render_response("It is 17.") == chat.encode("It is 17.") + [chat.im_end_id]
+    assert chat.render_response("It is 17 bec", finished=False) == chat.encode("It is 17 bec")  # cut: no end token
     # prompt + response is exactly the full rendering minus its final "\n"; the response is the trained part
     full_ids, full_mask = chat.render(CONVO)
     newline = chat.encode("\n")

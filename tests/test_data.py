@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from nanoalign.chat import load_chat
-from nanoalign.data import (batch_indices, mix, pad_right, preference_batch, preference_examples, read_records,
-                            select_files, sft_examples, sft_batches, shard, split_holdout)
+from nanoalign.data import (batch_indices, holdout_and_mix, mix, pad_right, preference_batch, preference_examples,
+                            read_records, select_files, sft_examples, sft_batches, shard, split_holdout)
+from nanoalign.errors import InputError
 from nanoalign.toy import build_tokenizer
 
 
@@ -258,6 +259,25 @@ def test_preference_examples_forms(tmp_path, chat):
     assert examples[0]["chosen"][-1] == chat.im_end_id
 
 
+def test_unfinished_answers_get_no_end_token(tmp_path, chat):
+    """gen_synthetic.py marks an answer cut at --max-new-tokens `*_finished: false`: it is trained as it was sampled,
+    without <|im_end|>, so DPO never teaches the model to stop where it was only cut off."""
+    q = "What is the largest number among 3, 9, 4?"
+    rows = [{"prompt": q, "chosen": "9", "rejected": "The answer is 3 and", "chosen_finished": True,
+             "rejected_finished": False},
+            {"prompt": q, "chosen": "It is 9, because", "rejected": "4", "chosen_finished": False}]
+    f = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    examples, _ = preference_examples(read_records(f), chat, max_len=200, max_prompt_len=100)
+    assert examples[0]["chosen"] == chat.encode("9") + [chat.im_end_id]
+    assert examples[0]["rejected"] == chat.encode("The answer is 3 and")  # no <|im_end|>
+    assert examples[1]["chosen"] == chat.encode("It is 9, because")
+    assert examples[1]["rejected"] == chat.encode("4") + [chat.im_end_id]  # absent: finished
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows + [{"prompt": q, "chosen": "9", "rejected": "4",
+                                                       "rejected_finished": "no"}])
+    with pytest.raises(InputError, match=r"bad.jsonl:3: field 'rejected_finished' must be true or false, got 'no'"):
+        preference_examples(read_records(bad), chat, max_len=200, max_prompt_len=100)
+
+
 def test_preference_examples_multi_turn_prompt(tmp_path, chat):
     convo = [{"role": "system", "content": "Answer briefly."}, user("Hello!"), assistant("Hi."), user("Max of 1, 2?")]
     row = {"prompt": "Max of 1, 2?", "chosen": convo + [assistant("2")], "rejected": convo + [assistant("1")]}
@@ -334,14 +354,37 @@ def test_split_holdout():
     assert split_holdout(data, 0.0, seed=0) == (data, [])
 
 
-@pytest.mark.parametrize("n,world", [(10, 3), (12, 4), (7, 1), (5, 5)])
-def test_shard_disjoint_covering_equal(n, world):
+def test_holdout_before_mixing_keeps_eval_out_of_train():
+    """An upsampled source (weight 2) and a fractional one (1.5): no held-out pair, by content, is trained on. Mixing
+    first and holding out after (the old order) left the twin of every held-out pair of the 2x source in train."""
+    human = [{"prompt": [1, i], "chosen": [2], "rejected": [3]} for i in range(50)]
+    synthetic = [{"prompt": [4, i], "chosen": [5], "rejected": [6]} for i in range(20)]
+    synthetic.append(dict(synthetic[0]))  # a duplicate row within a source
+    train, evals = holdout_and_mix([human, synthetic], [2.0, 1.5], 0.2, seed=0)
+    content = lambda ex: json.dumps(ex, sort_keys=True)  # noqa: E731
+    held = {content(ex) for ex in evals}
+    assert len(evals) == 10 + 4 and len(held) == len(evals)  # round(0.2 * 50) + round(0.2 * 21), each once
+    assert not held & {content(ex) for ex in train}
+    human_train = [ex for ex in train if ex["prompt"][0] == 1]
+    assert len(human_train) == 2 * 40 and Counter(map(content, human_train)).most_common(1)[0][1] == 2
+    assert holdout_and_mix([human, synthetic], [2.0, 1.5], 0.2, seed=0) == (train, evals)  # deterministic
+    # weight 0: neither trained nor evaluated; frac 0: no eval, mix as before
+    train0, evals0 = holdout_and_mix([human, synthetic], [1.0, 0.0], 0.2, seed=0)
+    assert len(evals0) == 10 and all(ex["prompt"][0] == 1 for ex in train0 + evals0)
+    assert holdout_and_mix([human, synthetic], [2.0, 1.5], 0.0, seed=0) == (mix([human, synthetic], [2.0, 1.5], 0), [])
+    # split_holdout alone also keeps a held-out example's copies out of train
+    dup = [{"ids": [i % 5], "mask": [1]} for i in range(20)]  # every content 4 times
+    train, evals = split_holdout(dup, 0.1, seed=0)
+    assert not {content(ex) for ex in evals} & {content(ex) for ex in train}
+
+
+@pytest.mark.parametrize("n,world", [(10, 3), (12, 4), (7, 1), (5, 5), (1, 2), (61, 3)])
+def test_shard_covers_every_example(n, world):
+    """Eval shares: disjoint, together every example (no remainder dropped), sizes differ by at most one."""
     data = list(range(n))
     shards = [shard(data, r, world) for r in range(world)]
-    per_rank = n // world
-    assert all(len(s) == per_rank for s in shards)
-    flat = [x for s in shards for x in s]
-    assert len(set(flat)) == len(flat) and sorted(flat) == data[:per_rank * world]  # remainder dropped
+    assert sorted(x for s in shards for x in s) == data
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
     assert shard(list(range(10)), 1, 3) == [1, 4, 7]
 
 

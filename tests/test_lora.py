@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from conftest import make_hf_model_dir
 from nanoalign.errors import InputError
 from nanoalign.lora import (LoRALinear, adapter_names, adapters_disabled, add_lora, describe, load_adapter,
-                            lora_parameters, merge_lora, save_adapter, trainable_parameters)
+                            load_merged, lora_parameters, merge_lora, save_adapter, trainable_parameters)
 from nanoalign.model import load_model, save_model
 
 peft = pytest.importorskip("peft")
@@ -142,7 +142,7 @@ def test_save_load_round_trip(hf_model_dir, tmp_path):
     assert not any(m.training for m in fresh.modules())  # load_model's eval mode reaches the new dropout
     torch.testing.assert_close(logits(fresh), logits(model.eval()), **EXACT)
     loaded = fresh.model.layers[1].mlp.down_proj.adapters["default"]
-    assert (loaded.r, loaded.alpha, loaded.dropout_p) == (4, 8, 0.05)
+    assert (loaded.r, loaded.alpha, loaded.dropout_p) == (4, 8, 0.0)  # loaded frozen: no dropout
     torch.testing.assert_close(loaded.lora_A.weight, down.lora_A.weight, **EXACT)
     again = load_model(hf_model_dir)
     load_adapter(again, out, name="resumed", trainable=True)
@@ -213,6 +213,25 @@ def test_stacked_rounds(hf_model_dir, tmp_path):
     save_model(merge_lora(merged), tmp_path / "base_plus_r1")
     theirs = peft.PeftModel.from_pretrained(hf_model(tmp_path / "base_plus_r1"), tmp_path / "r2").eval()
     torch.testing.assert_close(logits(theirs), both, **CLOSE)
+
+
+def test_frozen_adapter_has_no_dropout(hf_model_dir, tmp_path):
+    """An adapter trained with lora_dropout 0.1, loaded frozen (a stacked round), applies no dropout even in train
+    mode: the policy pass of round 2 must equal its eval-mode reference pass. Loaded to keep training, it keeps it."""
+    model = load_model(hf_model_dir)
+    add_lora(model, "round1", r=4, alpha=8, dropout=0.1)
+    randomise(model, "round1", seed=4)
+    save_adapter(model, "round1", tmp_path / "r1")
+    assert json.loads((tmp_path / "r1" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    frozen = load_model(hf_model_dir)
+    load_adapter(frozen, tmp_path / "r1", name="round1", trainable=False)
+    expected = logits(frozen.eval())
+    torch.manual_seed(0)
+    torch.testing.assert_close(logits(frozen.train()), expected, **EXACT)
+    resumed = load_model(hf_model_dir)
+    load_adapter(resumed, tmp_path / "r1", name="round1", trainable=True)
+    torch.testing.assert_close(logits(resumed.eval()), expected, **EXACT)
+    assert (logits(resumed.train()) - expected).abs().max() > 1e-3  # dropout on while it trains
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -301,3 +320,58 @@ def test_adapters_stay_fp32_on_a_bf16_base(hf_model_dir):
         assert grad.dtype == torch.float32 and grad.abs().sum() > 0
         outs.append(out)
     torch.testing.assert_close(outs[0], outs[1], atol=5e-2, rtol=5e-2)
+
+
+class DeviceLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """(dtype, numel) of every tensor copied onto the `meta` device (our stand-in for a GPU) from elsewhere.
+    Empty meta tensors, as in building a model skeleton on meta, hold no memory and are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sources = [a for a in args if torch.is_tensor(a) and a.device.type != "meta"]
+        if sources and torch.is_tensor(out) and out.device.type == "meta":
+            self.made.append((out.dtype, out.numel()))
+        return out
+
+
+def test_load_merged_puts_only_its_dtype_on_the_device(hf_model_dir, tmp_path):
+    """Stacked adapters merged in fp32, but no fp32 weight ever reaches the device: every tensor created there is
+    bf16 and they add up to the bf16 model once (the old path put the whole fp32 model there first). The weights
+    equal merging everything in fp32 and rounding once."""
+    model = load_model(hf_model_dir)
+    add_lora(model, "r1", r=4, alpha=8)
+    randomise(model, "r1", seed=7)
+    save_adapter(model, "r1", tmp_path / "r1")
+    add_lora(model, "r2", r=2, alpha=4, targets=("q_proj", "down_proj"))
+    randomise(model, "r2", seed=8)
+    save_adapter(model, "r2", tmp_path / "r2")
+    fp32 = load_merged(hf_model_dir, [tmp_path / "r1", tmp_path / "r2"])
+    with DeviceLog() as log:
+        bf16 = load_merged(hf_model_dir, [tmp_path / "r1", tmp_path / "r2"], dtype=torch.bfloat16, device="meta")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert {dtype for dtype, _ in log.made} == {torch.bfloat16}
+    assert sum(n for _, n in log.made) == sum(p.numel() for p in bf16.parameters())
+    on_cpu = load_merged(hf_model_dir, [tmp_path / "r1", tmp_path / "r2"], dtype=torch.bfloat16)
+    expected = {k: v.to(torch.bfloat16) for k, v in fp32.state_dict().items()}
+    for k, v in on_cpu.state_dict().items():
+        torch.testing.assert_close(v, expected[k], **EXACT)
+    assert (fp32.model.layers[0].self_attn.q_proj.weight - load_model(hf_model_dir).model.layers[0].self_attn
+            .q_proj.weight).abs().max() > 1e-3  # the adapters are in
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_load_merged_peak_cuda_memory_is_the_bf16_model(hf_model_dir, tmp_path):
+    model = load_model(hf_model_dir)
+    add_lora(model, "r1", r=4, alpha=8)
+    randomise(model, "r1", seed=7)
+    save_adapter(model, "r1", tmp_path / "r1")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    merged = load_merged(hf_model_dir, [tmp_path / "r1"], dtype=torch.bfloat16, device="cuda")
+    size = sum(p.numel() * p.element_size() for p in merged.parameters())
+    assert torch.cuda.max_memory_allocated() - start <= size * 1.1 + 2 ** 20

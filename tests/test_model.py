@@ -75,21 +75,29 @@ def test_tied_weights_are_shared(hf_model_dir):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def test_kv_cache_incremental_equals_full_forward(hf_model_dir):
+def test_kv_cache_prefill_and_decode_equal_full_forward(hf_model_dir):
+    """Two sequences of different lengths, prefilled right-padded into slots 2 and 0 of a 3-slot cache, then decoded
+    one token per step for every slot at once: the logits are the full forward's, whatever is in the other slots."""
     model = load_model(hf_model_dir)
     ids = torch.randint(0, 297, (2, 11), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # left padding in the prompt
+    lens = [6, 4]  # prompt lengths: row 1's prefill is padded with 2 tokens
     with torch.no_grad():
-        full = model(ids, attention_mask=mask)
-        cache = KVCache(model.config, 2, 16, torch.float32, "cpu")
-        steps = [model(ids[:, :6], attention_mask=mask[:, :6], kv_cache=cache)]
-        for t in range(6, 11):
-            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, t:t + 1], kv_cache=cache))
-    incremental = torch.cat(steps, dim=1)
-    real = mask.bool()
-    torch.testing.assert_close(incremental[real], full[real], **TOL)
-    assert cache.pos == 11 and cache.seen.tolist() == [8, 11]
+        full = [model(ids[r:r + 1])[0] for r in range(2)]  # [11, V] each
+        cache = KVCache(model.config, 3, 16, torch.float32, "cpu")
+        cache.k[1].fill_(1e4)  # stale garbage from an earlier sequence must never be attended to
+        cache.rows = torch.tensor([2, 0])
+        padded = torch.where(torch.arange(6) < torch.tensor(lens)[:, None], ids[:, :6], 7)
+        pre = model(padded, position_ids=torch.arange(6).expand(2, 6), kv_cache=cache)
+        cache.rows, cache.span = None, 10  # decode every slot (positions < 10); slot 1 idles at position 0
+        for r, n in enumerate(lens):
+            torch.testing.assert_close(pre[r, :n], full[r][:n], **TOL)
+        pos = torch.tensor([lens[1], 0, lens[0]])  # slot 0 holds row 1, slot 2 row 0
+        for step in range(4):
+            tok = torch.stack([ids[1, pos[0]], torch.tensor(5), ids[0, pos[2]]])
+            logits = model(tok[:, None], position_ids=pos[:, None], kv_cache=cache)[:, 0]  # [3, V]
+            torch.testing.assert_close(logits[2], full[0][pos[2]], **TOL)
+            torch.testing.assert_close(logits[0], full[1][pos[0]], **TOL)
+            pos = pos + torch.tensor([1, 0, 1])
 
 
 def test_hidden_states_times_lm_head_are_logits(hf_model_dir):

@@ -73,14 +73,28 @@ def test_tie_eps_turns_small_margins_into_ties():
     assert (r["wins"], r["losses"], r["ties"]) == (2, 1, 1)
 
 
-def test_all_ties_give_nan_win_rate_and_the_whole_interval():
+def test_all_ties_give_no_win_rate_and_the_whole_interval():
     r = win_rate([0.5, 0.25, 1.0], [0.5, 0.25, 1.0])
     assert (r["wins"], r["losses"], r["ties"], r["n"]) == (0, 0, 3, 3)
-    assert math.isnan(r["win_rate"]) and math.isnan(r["margin_weighted_win_rate"])
+    assert r["win_rate"] is None and r["margin_weighted_win_rate"] is None  # JSON null, never NaN
     assert r["ci95"] == [0.0, 1.0]
     assert r["mean_reward_a"] == r["mean_reward_b"] == pytest.approx(1.75 / 3)
+    assert win_rate([], [])["mean_reward_a"] is None
+    json.dumps(win_rate([], []), allow_nan=False)
     with pytest.raises(AssertionError):
         win_rate([1.0, 2.0], [1.0])
+    with pytest.raises(AssertionError, match="non-finite"):
+        win_rate([1.0, float("nan")], [1.0, 2.0])
+
+
+def test_wilson_bounds_stay_in_the_unit_interval():
+    # 0 of 135: the exact lower end is 0, but center - half rounds to -1.7e-18 ("-0.000" when printed)
+    low, high = wilson_interval(0, 135)
+    assert low == 0.0 and f"{low:.3f}" == "0.000" and high == pytest.approx(Z * Z / (135 + Z * Z), abs=1e-12)
+    for n in range(1, 400):
+        for wins in (0, n):
+            low, high = wilson_interval(wins, n)
+            assert 0.0 <= low <= high <= 1.0 and f"{low:.3f}"[0] != "-"
 
 
 @pytest.mark.parametrize("wins,n", [(0, 5), (3, 7), (30, 40), (99, 100), (100, 100)])

@@ -1,7 +1,14 @@
 """Reward backends: the toy rule, a local seq-cls reward model against transformers, an HTTP endpoint against a
 stub server on 127.0.0.1 (real sockets): both reply forms, retries, 4xx, give-up, cache, key handling."""
+from contextlib import contextmanager
 import json
+import math
+import os
 import shutil
+import signal
+import socketserver
+import subprocess
+import sys
 import threading
 import time
 
@@ -9,17 +16,17 @@ import pytest
 import torch
 import transformers
 
-from nanoalign.chat import QWEN_SYSTEM, load_chat
-from nanoalign.reward import (HttpReward, LocalRewardModel, RewardServerError, RuleReward, format_qwen3,
-                              load_reward, parse_reward, template_style)
+from nanoalign.chat import QWEN25_CHAT_TEMPLATE, QWEN_SYSTEM, load_chat
+from nanoalign.reward import HttpReward, LocalRewardModel, RewardError, RewardServerError, RuleReward, load_reward
+from nanoalign.endpoint import parse_reward, sha256
 from nanoalign.toy import build_tokenizer
 from conftest import make_hf_model_dir
-from tests.fixtures import json_server
+from tests.fixtures import ROOT, json_server, serving
 
 TOL = dict(atol=1e-4, rtol=0)
 
 # Qwen3's chat template (tokenizer_config.json of Qwen/Qwen3-*), its no-tools branch transcribed: the reference
-# that transformers' jinja renders and format_qwen3 must equal.
+# that transformers' jinja renders and ours must equal.
 QWEN3_TEMPLATE = (
     "{%- if messages[0].role == 'system' %}"
     "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
@@ -170,7 +177,7 @@ def test_formatting_and_ids_match_apply_chat_template(rm_dir):
         text = hf_tok.apply_chat_template(conv, tokenize=False)
         assert rm.format(prompt, response) == text
         assert rm.encode(prompt, response) == hf_tok(text)["input_ids"]
-    if rm.style == "qwen3":
+    if "<think>" in rm.format(PROMPTS[0], "17"):
         assert rm.format(PROMPTS[0], "17").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n17<|im_end|>\n")
         assert not rm.format(PROMPTS[0], "17").startswith("<|im_start|>system")
     else:
@@ -203,28 +210,107 @@ def test_long_rows_are_cut_from_the_left(rm_dir):
     assert rm.score([prompt], ["59"]) == pytest.approx(rm.score_ids([full[-40:]]), abs=1e-6)
 
 
-def test_template_detection_and_errors(tmp_path, tok_dir, qwen3_dir):
-    assert template_style(QWEN3_TEMPLATE, "qwen2") == ("qwen3", None)
-    assert template_style(json.loads((tok_dir / "tokenizer_config.json").read_text())["chat_template"],
-                          "qwen3") == ("chatml", QWEN_SYSTEM)
-    qwen2_template = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-                      "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}...")
-    assert template_style(qwen2_template, "qwen2") == ("chatml", "You are a helpful assistant.")
-    assert template_style("{{ '<|im_start|>' + m.role }}", "qwen2") == ("chatml", None)
-    with pytest.raises(ValueError, match="not ChatML"):
-        template_style("{{ bos_token }}{% for m in messages %}[INST] {{ m.content }}{% endfor %}", "qwen2")
-    # transformers 5 saves the template as chat_template.jinja: found there too
-    model_dir = shutil.copytree(qwen3_dir, tmp_path / "jinja")
+# A Qwen3-2507-style template (reasoning stripped from assistant turns, no empty think block added) and a ChatML
+# template written with plain block tags, whose output depends on trim_blocks/lstrip_blocks, that sets its default
+# system prompt in a variable, uses bos_token and raise_exception: both were misread by substring guessing.
+NO_THINK_TEMPLATE = (
+    "{%- for message in messages %}{%- set content = message.content %}"
+    "{%- if message.role == 'assistant' and '</think>' in content %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}{%- endif %}"
+    "{{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' }}{%- endfor %}"
+)
+BLOCKS_TEMPLATE = """{% set default_system = 'You grade answers.' %}
+{{ bos_token }}
+{% if messages[0]['role'] != 'system' %}
+<|im_start|>system
+{{ default_system }}<|im_end|>
+{% endif %}
+{% for message in messages %}
+    {% if message['content'] == 'FORBIDDEN' %}
+        {{ raise_exception('this template refuses FORBIDDEN') }}
+    {% endif %}
+<|im_start|>{{ message['role'] }}
+{{ message['content'] | trim }}<|im_end|>
+{% endfor %}
+"""
+
+
+@pytest.mark.parametrize("template,where", [(QWEN3_TEMPLATE, "tokenizer_config.json"),
+                                            (QWEN25_CHAT_TEMPLATE, "tokenizer_config.json"),
+                                            (NO_THINK_TEMPLATE, "chat_template.jinja"),
+                                            (BLOCKS_TEMPLATE, "chat_template.jinja")],
+                         ids=["qwen3", "qwen2.5", "no-think", "blocks"])
+def test_any_chat_template_renders_as_transformers_does(tmp_path, qwen3_dir, template, where):
+    """The reward model's own template, rendered by jinja2 as apply_chat_template renders it: multi-turn, <think>
+    in earlier turns, whitespace control, variables, special tokens; from tokenizer_config.json or (transformers
+    5 layout) chat_template.jinja."""
+    model_dir = shutil.copytree(qwen3_dir, tmp_path / "rm")
     tok_config = json.loads((model_dir / "tokenizer_config.json").read_text())
-    (model_dir / "chat_template.jinja").write_text(tok_config.pop("chat_template"))
+    tok_config.pop("chat_template", None)
+    tok_config["bos_token"] = "<|endoftext|>"
+    if where == "chat_template.jinja":
+        (model_dir / where).write_text(template)
+    else:
+        tok_config["chat_template"] = template
     (model_dir / "tokenizer_config.json").write_text(json.dumps(tok_config))
-    assert LocalRewardModel(model_dir).style == "qwen3"
+    rm = LocalRewardModel(model_dir)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    assert hf_tok.chat_template == template
+    long_chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>\nx\n</think>\n\nb"},
+                 {"role": "user", "content": " c "}, {"role": "assistant", "content": "d</think>e"},
+                 {"role": "user", "content": "f"}]
+    for prompt, response in zip(PROMPTS + [long_chat], RESPONSES + ["<think>y</think>g"]):
+        text = hf_tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        assert rm.format(prompt, response) == text
+        assert rm.encode(prompt, response) == hf_tok(text)["input_ids"]
+    if template is BLOCKS_TEMPLATE:
+        system = "<|endoftext|>\n<|im_start|>system\nYou grade answers.<|im_end|>\n"
+        assert rm.format(PROMPTS[0], "17").startswith(system)
+        with pytest.raises(ValueError, match="refuses FORBIDDEN"):
+            rm.format(PROMPTS[0], "FORBIDDEN")
+    if template is NO_THINK_TEMPLATE:
+        assert rm.format(long_chat, "ok").endswith("<|im_start|>assistant\nok<|im_end|>\n")
+
+
+def test_reward_model_errors(tmp_path, qwen3_dir):
+    model_dir = shutil.copytree(qwen3_dir, tmp_path / "rm")
+    tok_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tok_config.pop("chat_template")
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    with pytest.raises(ValueError, match="no chat template"):
+        LocalRewardModel(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3ForCausalLM"]}))
     with pytest.raises(ValueError, match="not a reward model"):
         LocalRewardModel(model_dir)
-    assert format_qwen3([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a</think>b"}]) == \
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\na\n</think>\n\nb<|im_end|>\n"
+
+
+def test_scores_are_batch_invariant_and_identical_rows_tie(qwen3_dir):
+    """A row's score alone, in a batch of 8, left or right of a long row (right or left padding): the same within
+    1e-5 in fp32 (scores of order 5). Identical rows get the very same score, even where the old batching put
+    them in batches of different widths (one beside short rows, one beside a long row)."""
+    rows = random_rows([20, 23, 25, 21, 30, 19, 22, 26], pad_id=409, seed=3)
+    long, x = random_rows([200], pad_id=409, seed=4)[0], rows[0]
+    rm = LocalRewardModel(qwen3_dir, batch_size=8)
+    alone = rm.score_ids([x])[0]
+    assert abs(alone) > 1
+    contexts = [rm.score_ids(rows)[0], rm.score_ids([long, x])[1], rm.score_ids([x, long])[0],
+                LocalRewardModel(qwen3_dir, padding_side="left").score_ids([long, x])[1]]
+    assert max(abs(s - alone) for s in contexts) <= 1e-5
+    rm = LocalRewardModel(qwen3_dir, batch_size=3)
+    scores = rm.score_ids([rows[5], x, rows[3], x, long])  # sorted by length: [19, 20, 21 | 20, 200]
+    assert scores[1] == scores[3]
+    prompt, response = PROMPTS[0], "It is 17."
+    scores = rm.score([prompt, PROMPTS[1], prompt, PROMPTS[2]], [response, "x" * 300, response, "y"])
+    assert scores[0] == scores[2]
+
+
+def test_non_finite_local_score_is_a_clear_error(qwen3_dir):
+    rm = LocalRewardModel(qwen3_dir)
+    with torch.no_grad():
+        rm.model.score.weight[0, 0] = float("nan")
+    with pytest.raises(RewardError, match=r"non-finite score \(nan\) for p7"):
+        rm.score([PROMPT], ["17"], ids=["p7"])
 
 
 # -----------------------------------------------------------------------------
@@ -315,15 +401,16 @@ def test_retries_a_500_then_succeeds(stub):
     assert len(stub.requests) == 3
 
 
-def test_400_fails_at_once_and_never_shows_the_key(stub, monkeypatch):
+def test_401_fails_at_once_and_never_shows_the_key(stub, monkeypatch):
     monkeypatch.setenv("NVIDIA_API_KEY", SECRET)
     # a server that echoes the request's Authorization header in its error body
-    stub.respond = lambda body, n, h: (400, {"error": f"bad request from {h.get('Authorization')}"})
+    stub.respond = lambda body, n, h: (401, {"error": f"bad key {h.get('Authorization')}"})
     with pytest.raises(RewardServerError) as err:
         fast(stub.url, retries=4).score([PROMPT], ["17"])
     assert len(stub.requests) == 1
     message = str(err.value)
-    assert "HTTP 400" in message and "attempt 1" in message and f"{stub.url}/chat/completions" in message
+    assert "HTTP 401" in message and "(is $NVIDIA_API_KEY set?)" in message and "attempt 1" in message
+    assert f"{stub.url}/chat/completions" in message
     assert SECRET not in message and "\n" not in message
     with pytest.raises(ValueError, match="NVIDIA_API_KEY") as err:
         HttpReward(stub.url.replace("http://", "http://user:pw@"))
@@ -358,6 +445,106 @@ def test_gives_up_after_retries_with_finished_scores_cached(stub, tmp_path):
     assert len(stub.requests) == before + 1
 
 
+def test_a_refused_item_is_skipped_counted_and_not_asked_again(stub, tmp_path):
+    """HTTP 400 (e.g. over the endpoint's context) for one item: None for it, the others scored, the refusal
+    cached, so a rerun neither asks it again nor fails on it."""
+    cache = tmp_path / "cache.jsonl"
+    stub.respond = lambda body, n, h: ((400, {"error": "input is longer than 4096 tokens"})
+                                       if body["messages"][-1]["content"] == "huge"
+                                       else (200, logprob_reply(expected(body["messages"][-1]["content"]))))
+    rm = fast(stub.url, cache_path=cache)
+    assert rm.score([PROMPT] * 3, ["a", "huge", "ccc"], ids=["p0", "p1", "p2"]) == [expected("a"), None,
+                                                                                   expected("ccc")]
+    assert sum(r["body"]["messages"][-1]["content"] == "huge" for r in stub.requests) == 1  # not retried
+    assert list(rm.skipped) == [("p1", sha256("huge"))] and "longer than 4096" in rm.skipped[("p1", sha256("huge"))]
+    before = len(stub.requests)
+    again = fast(stub.url, cache_path=cache)
+    assert again.score([PROMPT] * 3, ["a", "huge", "ccc"], ids=["p0", "p1", "p2"]) == [expected("a"), None,
+                                                                                      expected("ccc")]
+    assert len(stub.requests) == before and len(again.skipped) == 1
+    # an endpoint that refuses everything (a wrong model name, say) is an error, not a run of skips
+    stub.respond = lambda body, n, h: (400, {"error": "unknown model"})
+    with pytest.raises(RewardServerError, match="the first 3 items were all refused.*unknown model"):
+        fast(stub.url, refusals_before_stop=3, concurrency=1).score([PROMPT] * 5, list("vwxyz"))
+
+
+def test_non_finite_scores_are_retried_never_returned(stub):
+    replies = {1: float("nan"), 2: float("inf")}
+    stub.respond = lambda body, n, h: (200, json.dumps(logprob_reply(replies.get(n, 2.5))).encode())
+    assert fast(stub.url, retries=2).score([PROMPT], ["17"]) == [2.5] and len(stub.requests) == 3
+    stub.respond = lambda body, n, h: (200, content_reply(float("-inf")))
+    with pytest.raises(RewardServerError, match="non-finite score -inf in the reply after 2 attempts"):
+        fast(stub.url, retries=1).score([PROMPT], ["18"])
+
+
+@contextmanager
+def trickling_server(seconds):
+    """An HTTP server on 127.0.0.1 that sends a status line and headers, then one body byte per 0.1 s for
+    `seconds` (each read gets a byte well within any per-read timeout), then closes."""
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            self.rfile.readline()
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                try:
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.1)
+
+    with serving(socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)) as url:
+        yield url
+
+
+def test_timeout_is_a_total_deadline_per_request():
+    """A reply trickling a byte every 0.1 s: timeout=0.5 ends each attempt at 0.5 s (a per-read timeout never
+    would: the old client waited out the whole 8 s trickle, twice)."""
+    with trickling_server(8) as url:
+        start = time.monotonic()
+        with pytest.raises(RewardServerError, match="no complete reply within 0.5 s after 2 attempts"):
+            fast(url, timeout=0.5, retries=1).score([PROMPT], ["17"])
+        assert time.monotonic() - start < 2.5
+
+
+def test_ctrl_c_stops_scoring_within_seconds(stub, tmp_path):
+    """A real process scoring against an endpoint that answers some items and hangs on others (timeout 60 s, 4
+    retries): SIGINT ends it within seconds, and the answered items are in the cache."""
+    release = threading.Event()
+
+    def respond(body, n, h):
+        content = body["messages"][-1]["content"]
+        if content.startswith("slow"):
+            release.wait(30)
+        return 200, logprob_reply(expected(content))
+
+    stub.respond = respond
+    cache = tmp_path / "cache.jsonl"
+    code = (f"from nanoalign.reward import load_reward\n"
+            f"rm = load_reward({stub.url!r}, cache_path={str(cache)!r}, concurrency=3, timeout=60, retries=4)\n"
+            f"rm.score([[{{'role': 'user', 'content': 'q'}}]] * 6, ['a', 'bb', 'slow1', 'slow2', 'slow3', 'c'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 30
+        while sum(r["body"]["messages"][-1]["content"].startswith("slow") for r in stub.requests) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "the child never reached the slow items"
+            time.sleep(0.05)
+        time.sleep(0.2)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+        assert time.monotonic() - start < 3, "Ctrl-C took more than 3 s"
+        assert proc.returncode != 0 and "KeyboardInterrupt" in stderr
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    cached = {json.loads(line)["response_sha256"] for line in cache.read_text().splitlines()}
+    assert {sha256("a"), sha256("bb")} <= cached and sha256("slow1") not in cached
+
+
 def test_timeouts_are_retried_then_reported(stub):
     stub.delay = 0.3
     with pytest.raises(RewardServerError, match="after 2 attempts"):
@@ -382,7 +569,7 @@ def test_truncation_keeps_response_and_prompt_end(stub, tok_dir):
     assert [m["role"] for m in sent] == ["user", "assistant"] and sent[-1]["content"] == response
     assert sent[0]["content"].endswith("numbers END") and len(sent[0]["content"]) + len(response) <= 300
     chat = load_chat(tok_dir)
-    rm = fast(stub.url, max_tokens=100, reserve=0, tokenizer=chat)
+    rm = fast(stub.url, max_tokens=100, reserve=0, tokenizer=tok_dir)  # what --reward-tokenizer passes
     sent = rm.truncate(long_prompt, response)
     n_tokens = sum(len(chat.encode(m["content"])) for m in sent)
     assert 90 <= n_tokens <= 100 and sent[-1]["content"] == response and sent[0]["content"].endswith("END")
@@ -390,6 +577,23 @@ def test_truncation_keeps_response_and_prompt_end(stub, tok_dir):
     # what is sent is the truncated conversation
     fast(stub.url, max_tokens=100, reserve=0).score([long_prompt], [response])
     assert stub.requests[-1]["body"]["messages"][-1]["content"] == response
+
+
+def test_without_a_tokenizer_cjk_text_is_cut_conservatively(stub, tok_dir):
+    """The field case: 11,626 CJK characters were sent whole under a 3-characters-per-token guess. Without a
+    tokenizer the fallback bound holds for byte-level BPE (the toy tokenizer spends up to 3 tokens on a CJK
+    character): what is sent fits the budget in real tokens; with the tokenizer, more is kept, still within it.
+    (ASCII keeps the 3-characters-per-token guess, true of real tokenizers, not of the toy one: not tested.)"""
+    chat = load_chat(tok_dir)
+    prompt = [{"role": "user", "content": "請解釋這段文字的意思並總結重點。" * 727}]  # 11,632 chars
+    response = "好的，這是摘要：" + "不錯。" * 100
+    for tokenizer in (None, tok_dir):
+        sent = fast(stub.url, tokenizer=tokenizer).truncate(prompt, response)
+        n = sum(len(chat.encode(m["content"])) for m in sent)
+        assert n <= 4096 - 96 and sent[-1]["content"] == response and sent[0]["content"].endswith("重點。")
+        assert n > 3000 or tokenizer is None
+    for text in ("數字和漢字", "é" * 50, "ü😀"):  # beyond ASCII: one token per UTF-8 byte at most
+        assert fast(stub.url)._length(text) >= len(chat.encode(text))
 
 
 def test_load_reward_routes_keyword_arguments(stub, qwen3_dir, tmp_path):
@@ -402,3 +606,21 @@ def test_load_reward_routes_keyword_arguments(stub, qwen3_dir, tmp_path):
     assert isinstance(local, LocalRewardModel) and local.batch_size == 2
     with pytest.raises(TypeError, match="bacth_size"):
         load_reward("toy", bacth_size=2)
+
+
+def test_reward_flags(stub, qwen3_dir, tok_dir, tmp_path):
+    """--reward-dtype (default fp32 on CPU, bf16 on CUDA) reaches the local model; --reward-tokenizer the client."""
+    import argparse
+    from nanoalign.reward import add_reward_args, reward_from_args
+    parser = argparse.ArgumentParser()
+    add_reward_args(parser)
+    rm = reward_from_args(parser.parse_args(["--reward", str(qwen3_dir)]), "cpu", tmp_path / "c.jsonl")
+    assert rm.model.model.embed_tokens.weight.dtype == torch.float32
+    rm = reward_from_args(parser.parse_args(["--reward", str(qwen3_dir), "--reward-dtype", "bf16"]), "cpu", None)
+    assert rm.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(math.isfinite(s) for s in rm.score(PROMPTS, RESPONSES))
+    args = parser.parse_args(["--reward", stub.url, "--reward-tokenizer", str(tok_dir), "--reward-timeout", "3"])
+    http = reward_from_args(args, "cpu", tmp_path / "c.jsonl")
+    assert http.tokenizer.get_vocab_size() == load_chat(tok_dir).vocab_size and http.endpoint.timeout == 3
+    with pytest.raises(FileNotFoundError, match="tokenizer not found: nowhere"):
+        reward_from_args(parser.parse_args(["--reward", stub.url, "--reward-tokenizer", "nowhere"]), "cpu", None)

@@ -1,5 +1,5 @@
-"""The sampler: greedy equals the uncached argmax, left padding changes nothing, stop ids, top-k/top-p kept sets
-and frequencies, vocab_limit, seeds."""
+"""The sampler: greedy continuous batching equals the uncached argmax, stop ids, top-k/top-p kept sets and
+frequencies, vocab_limit, seeds; a prompt's samples do not depend on batch size, slot order or a resumed run."""
 import math
 
 import pytest
@@ -8,7 +8,8 @@ import torch
 from conftest import make_hf_model_dir
 from nanoalign.errors import InputError
 from nanoalign.model import load_model
-from nanoalign.sampling import generate, generate_texts, sample_next, top_k_top_p_filter
+from nanoalign.engine import generate, generate_texts
+from nanoalign.sampling import hash31, sample_next, stream_key, stream_uniform, top_k_top_p_filter
 
 PROMPTS = [[5, 17, 42], [1, 2, 3, 4, 5, 6, 7], [100, 200, 150, 12, 99, 7, 8, 9, 10, 11, 250, 3]]
 PAD = 299
@@ -36,13 +37,13 @@ def greedy(model):
     return [reference_greedy(model, p, N_NEW) for p in PROMPTS]
 
 
-def count_forwards(model):
+def count_decode_steps(model):
     calls = []
-    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    handle = model.lm_head.register_forward_hook(lambda *_: calls.append(1))
     return calls, handle
 
 
-def test_greedy_batched_left_padded_equals_uncached_argmax(model, greedy):
+def test_greedy_continuous_batching_equals_uncached_argmax(model, greedy):
     assert len({tuple(g) for g in greedy}) == 3 and all(len(set(g)) > 5 for g in greedy)  # non-trivial outputs
     assert generate(model, PROMPTS, N_NEW, stop_ids=(), pad_id=PAD, temperature=0) == greedy
     assert [generate(model, [p], N_NEW, (), PAD, temperature=0)[0] for p in PROMPTS] == greedy
@@ -60,26 +61,81 @@ def test_stop_ids_end_each_row_and_the_loop(model, greedy):
     assert outs[1:] == greedy[1:]  # other rows continue up to max_new_tokens: no stop token, truncated
     assert [len(o) for o in outs] == [4, N_NEW, N_NEW]
 
-    # rows that stop at steps 1, 2 and 0: three forwards (prefill + 2 decode steps), then the loop ends
+    # rows that stop at steps 1, 2 and 0
     stops = {greedy[0][1], greedy[1][2], greedy[2][0]}
     expected = []
     for g in greedy:
         first = next(i for i, x in enumerate(g) if x in stops)
         expected.append(g[:first + 1])
     assert [len(e) for e in expected] == [2, 3, 1]
-    calls, handle = count_forwards(model)
+    calls, handle = count_decode_steps(model)
     try:
-        assert generate(model, PROMPTS, N_NEW, stop_ids=stops, pad_id=PAD, temperature=0) == expected
+        assert generate(model, PROMPTS, N_NEW, stop_ids=stops, pad_id=PAD, temperature=0, sync_every=1) == expected
     finally:
         handle.remove()
-    assert len(calls) == 3
+    assert len(calls) == 3  # one decode step per token of the longest row, then the host sees all rows done
 
-    calls, handle = count_forwards(model)
+    calls, handle = count_decode_steps(model)
     try:
-        outs = generate(model, PROMPTS, 5, stop_ids=(), pad_id=PAD, temperature=0)
+        outs = generate(model, PROMPTS, 5, stop_ids=(), pad_id=PAD, temperature=0, sync_every=4)
     finally:
         handle.remove()
-    assert outs == [g[:5] for g in greedy] and len(calls) == 5  # the 5th token needs no forward after it
+    assert outs == [g[:5] for g in greedy] and len(calls) == 8  # host looks every 4 steps
+
+
+def test_continuous_batching_refills_slots(model):
+    """8 prompts through 3 slots with per-prompt budgets and a stop id: each finished slot is refilled (stale cache
+    and all), attention spans grow 4 -> 8 -> 16 -> 32, and every output is the uncached argmax's."""
+    prompts = [PROMPTS[i % 3][i % 2:] + [i + 20] for i in range(8)]
+    budgets = [3, 9, 1, 12, 5, 2, 7, 10]
+    refs = [reference_greedy(model, p, m) for p, m in zip(prompts, budgets)]
+    stop = refs[3][2]
+    expected = [r[:r.index(stop) + 1] if stop in r else r for r in refs]
+    assert sum(stop in r for r in refs) >= 2 and len({len(e) for e in expected}) >= 5
+    spans = []
+    hook = model.model.register_forward_pre_hook(lambda m, args: spans.append(args[3].span))  # args[3]: the cache
+    try:
+        outs = generate(model, prompts, budgets, stop_ids=(stop,), pad_id=PAD, temperature=0, batch_size=3,
+                        sync_every=2, min_span=4)
+    finally:
+        hook.remove()
+    assert outs == expected
+    assert set(spans) == {16, 32}  # a power of two >= longest live row + sync_every, capped at the cache length
+
+
+def test_samples_do_not_depend_on_batch_size_or_resume(model):
+    prompts = [PROMPTS[i % 3][i % 2:] + [i + 20] for i in range(8)]
+    kw = dict(max_new_tokens=N_NEW, stop_ids=(), pad_id=PAD, temperature=1.0, top_p=0.9, seed=5)
+    runs = [generate(model, prompts, batch_size=b, sync_every=s, **kw) for b, s in ((1, 3), (3, 1), (8, 8))]
+    assert runs[0] == runs[1] == runs[2]
+    assert len({tuple(o) for o in runs[0]}) == 8
+    # a run resumed after the first 3 prompts, the rest in another order: same samples, keyed by prompt; the
+    # second call reuses the first one's engine (its compiled step on CUDA) and whatever its slots still hold
+    order = [6, 3, 7, 5, 4]
+    generate(model, prompts[:4], batch_size=2, **kw)
+    engine = model._nanoalign_engine
+    resumed = generate(model, [prompts[i] for i in order], keys=order, batch_size=2, **kw)
+    assert model._nanoalign_engine is engine
+    assert resumed == [runs[0][i] for i in order]
+    # the key names the stream: the same prompt under two keys samples differently, under one key identically
+    twice = generate(model, [prompts[0]] * 3, keys=[0, 1, 0], batch_size=3, **kw)
+    assert twice[0] == twice[2] == runs[0][0] != twice[1]
+    assert generate(model, prompts, batch_size=3, **{**kw, "seed": 6}) != runs[0]
+
+
+def test_decode_step_is_one_graph(model):
+    """The decode step traces whole (fullgraph: no host sync, no data-dependent Python) and gives the eager
+    result; CUDA captures the same function with mode="reduce-overhead"."""
+    from nanoalign.engine import Engine
+    results = []
+    for compiled in (False, True):
+        engine = Engine(model, 3, 32, stop_ids=(7,), temperature=1.0, top_k=20, top_p=0.9, vocab_limit=290,
+                        sync_every=2, min_span=8)
+        if compiled:
+            torch._dynamo.reset()
+            engine.step = torch.compile(engine._decode, backend="eager", fullgraph=True, dynamic=False)
+        results.append(dict(engine.stream(((p, 6, i) for i, p in enumerate(PROMPTS * 2)), seed=1)))
+    assert results[0] == results[1] and len(results[0]) == 6
 
 
 # -----------------------------------------------------------------------------
@@ -147,15 +203,35 @@ SQRT2 = 0.5 ** 0.5 + 0.2 ** 0.5  # T=2 masses of the top two, unnormalised
     # (at T=1 the top token's 0.5/0.85 = 0.588 would reach 0.5 alone)
     (dict(temperature=2.0, top_k=3, top_p=0.5), [0.5 ** 0.5 / SQRT2, 0.2 ** 0.5 / SQRT2, 0, 0, 0]),
 ])
-def test_sample_frequencies(kw, expected):
+@pytest.mark.parametrize("source", ["generator", "streams"])
+def test_sample_frequencies(kw, expected, source):
     n = 2000
-    g = torch.Generator().manual_seed(0)
-    draws = sample_next(hand_logits().expand(n, 5), generator=g, **{"temperature": 1.0, **kw})
+    if source == "generator":
+        draw = dict(generator=torch.Generator().manual_seed(0))
+    else:  # counter-based: one stream per row (keys) at token index 3
+        draw = dict(streams=(torch.tensor([stream_key(0, i) for i in range(n)]), torch.full((n,), 3)))
+    draws = sample_next(hand_logits().expand(n, 5), **draw, **{"temperature": 1.0, **kw})
     assert draws.shape == (n,) and draws.dtype == torch.long
     freq = torch.bincount(draws, minlength=5)[IDS].float() / n  # by rank
     never = [r for r, e in enumerate(expected) if e == 0]
     assert all(freq[r] == 0 for r in never), f"token outside the kept set: {freq.tolist()}"
     torch.testing.assert_close(freq, torch.tensor(expected), atol=0.04, rtol=0)  # ~3.5 sigma at n = 2000
+
+
+def test_counter_based_streams():
+    """hash31 is a bijection on 31-bit values (no int64 overflow); a row's uniform depends on its key and counter
+    only, and is uniform enough: the mean and a histogram over many keys."""
+    x = torch.arange(2 ** 16) * 32749  # 65,536 distinct 31-bit values
+    assert hash31(x).unique().numel() == x.numel() and hash31(x).max() < 2 ** 31 and hash31(x).min() >= 0
+    assert hash31(torch.tensor([0, 1, 2])).tolist() == [0, 824515495, 1722258072]  # fixed for good: resumes rely on it
+    keys = torch.tensor([stream_key(0, ("p", k)) for k in range(4000)])
+    u = stream_uniform(keys, torch.full((4000,), 7))
+    assert ((u > 0) & (u < 1)).all() and abs(u.mean().item() - 0.5) < 0.02
+    assert torch.histc(u, bins=10, min=0, max=1).min() > 330  # ~400 per bin
+    # row 5's draw alone, inside a batch, or at another counter
+    assert stream_uniform(keys[5:6], torch.tensor([7])).item() == u[5].item()
+    assert stream_uniform(keys[5:6], torch.tensor([8])).item() != u[5].item()
+    assert stream_key(0, ("p", 1)) == stream_key(0, ("p", 1)) != stream_key(1, ("p", 1))
 
 
 def test_vocab_limit_and_temperature_zero():
@@ -217,3 +293,34 @@ def test_generate_texts(tmp_path):
     assert texts == [[chat.decode(o)] * 2 for o in ids]
     sampled = generate_texts(model, chat, convs, max_new_tokens=6, n=3, temperature=1.0, seed=0)
     assert [len(s) for s in sampled] == [3, 3] and all(isinstance(t, str) for s in sampled for t in s)
+
+
+def test_stops_on_both_qwen_stop_ids(tmp_path):
+    """Rows end at <|im_end|> and at <|endoftext|> (chat.stop_ids, generate_texts' default): the model is steered to
+    say <|im_end|> after token X and <|endoftext|> after token Y, which two greedy rows emit at steps 1 and 2."""
+    from nanoalign.chat import load_chat
+    from nanoalign.toy import build_tokenizer
+    chat = load_chat(build_tokenizer(tmp_path / "tok"))
+    model = load_model(make_hf_model_dir(tmp_path / "m", vocab_size=64 * math.ceil((chat.vocab_size + 1) / 64),
+                                         initializer_range=0.2))
+    prompts = [chat.render_prompt([{"role": "user", "content": q}]) for q in ("Which is largest: 3, 9, 4?", "Hi")]
+    free = generate(model, prompts, 6, stop_ids=(), vocab_limit=chat.vocab_size, temperature=0)
+    x, y = free[0][1], free[1][2]
+    assert x not in free[0][:1] + free[1][:3] + [prompts[0][-1], prompts[1][-1]]
+    assert y not in free[0][:2] + free[1][:2] + [prompts[0][-1], prompts[1][-1]] and x != y
+    assert not set(chat.stop_ids) & set(free[0] + free[1])
+    fed = []
+    pre = model.model.register_forward_pre_hook(lambda m, args: fed.append(args[0][:, -1]))  # [b] tokens fed
+
+    def steer(module, inputs, out):  # decode: out [b, V]
+        out = out.clone()
+        out[:, chat.im_end_id] += 1e4 * (fed[-1] == x)
+        out[:, chat.endoftext_id] += 1e4 * (fed[-1] == y)
+        return out
+    post = model.lm_head.register_forward_hook(steer)
+    try:
+        outs = generate(model, prompts, 6, stop_ids=chat.stop_ids, vocab_limit=chat.vocab_size, temperature=0)
+    finally:
+        pre.remove()
+        post.remove()
+    assert outs == [free[0][:2] + [chat.im_end_id], free[1][:3] + [chat.endoftext_id]]

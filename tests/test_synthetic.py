@@ -14,6 +14,7 @@ import json
 import math
 import random
 import re
+import shutil
 import threading
 from types import SimpleNamespace
 
@@ -25,7 +26,7 @@ from nanoalign.chat import load_chat
 from nanoalign.data import prompt_records, read_records
 from nanoalign.model import CausalLM, ModelConfig, load_model, save_model
 from nanoalign.preferences import win_rate
-from nanoalign.sampling import generate_texts
+from nanoalign.engine import generate_texts
 from tests.fixtures import cached_toy_setup, json_server, read_metrics, run_script, write_jsonl
 
 CPU = ("--precision", "fp32", "--device", "cpu", "--max-new-tokens", 2)
@@ -82,7 +83,7 @@ def setup(tmp_path_factory):
 
 
 def gen(setup, out, *args, check=True):
-    return run_script("gen_synthetic.py", "--model", setup["policy"], "--prompts", setup["prompts"], "--n", N,
+    return run_script("gen_synthetic.py", "--model", setup["policy"], "--prompts", setup["prompts"], "--num-samples", N,
                       "--out", out, *CPU, *args, check=check)
 
 
@@ -135,30 +136,55 @@ def test_samples_are_scored_by_the_toy_reward(setup, toy_run):
     assert any(r["finished"] for r in rows) and not all(r["finished"] for r in rows)
 
 
-def test_pairs_are_best_and_worst_above_the_gap(toy_run):
-    rows = read_rows(toy_run / "samples.jsonl")
-    pairs = read_rows(toy_run / "pairs.jsonl")
-    expected = {}
-    for pid, group in groups(rows).items():
-        best, worst = max(r["score"] for r in group), min(r["score"] for r in group)
-        if best - worst >= 0.5:
-            expected[pid] = (best, worst)
-    assert 0 < len(expected) < 8, "the run should keep some prompts and drop others"
-    assert [p["prompt_id"] for p in pairs] == list(expected)
+def check_pairs(out, keep_truncated):
+    """pairs.jsonl = each prompt's (best, worst) above the gap, among finished samples only unless --keep-truncated;
+    each pair says whether its answers finished; summary.json counts what was left out."""
+    rows = read_rows(out / "samples.jsonl")
+    pairs = read_rows(out / "pairs.jsonl")
     by_prompt = groups(rows)
+    usable = {pid: [r for r in group if keep_truncated or r["finished"]] for pid, group in by_prompt.items()}
+    expected = {}
+    for pid, group in usable.items():
+        if group and max(r["score"] for r in group) - min(r["score"] for r in group) >= 0.5:
+            expected[pid] = (max(r["score"] for r in group), min(r["score"] for r in group))
+    assert [p["prompt_id"] for p in pairs] == list(expected)
     for p in pairs:
-        group = by_prompt[p["prompt_id"]]
+        group = usable[p["prompt_id"]]
         assert (p["score_chosen"], p["score_rejected"]) == expected[p["prompt_id"]]
-        assert p["chosen"] in [r["response"] for r in group if r["score"] == p["score_chosen"]]
-        assert p["rejected"] in [r["response"] for r in group if r["score"] == p["score_rejected"]]
+        for side in ("chosen", "rejected"):
+            (sample,) = {(r["response"], r["finished"]) for r in group
+                         if r["score"] == p[f"score_{side}"] and r["response"] == p[side]}
+            assert p[f"{side}_finished"] is sample[1]
         assert p["prompt"] == group[0]["prompt"]
 
-    summary = json.loads((toy_run / "summary.json").read_text())
-    assert summary == dict(prompts=8, samples=8 * N, pairs=len(pairs), unusable_samples=0,
-                           prompts_below_gap=8 - len(pairs),
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == dict(prompts=8, samples=8 * N, pairs=len(pairs),
+                           unusable_samples=0 if keep_truncated else sum(not r["finished"] for r in rows),
+                           prompts_below_gap=8 - len(pairs), skipped=0,
                            mean_score=pytest.approx(sum(r["score"] for r in rows) / len(rows)),
                            truncated=sum(not r["finished"] for r in rows),
                            empty=sum(not r["response"].strip() for r in rows))
+    return pairs
+
+
+def test_pairs_are_best_and_worst_above_the_gap(setup, toy_run, tmp_path):
+    """By default an answer cut at --max-new-tokens is never in a pair; --keep-truncated lets it in, marked
+    unfinished (rebuilt from the same samples: a finished run only rebuilds its pairs)."""
+    pairs = check_pairs(toy_run, keep_truncated=False)
+    assert 0 < len(pairs) < 8, "the run should keep some prompts and drop others"
+    assert all(p["chosen_finished"] and p["rejected_finished"] for p in pairs)
+    # the same samples with the first pair's chosen answer marked cut: left out by default, in with --keep-truncated
+    out = tmp_path / "cut"
+    shutil.copytree(toy_run, out)
+    rows = read_rows(out / "samples.jsonl")
+    cut = next(r for r in rows if r["prompt_id"] == pairs[0]["prompt_id"] and r["response"] == pairs[0]["chosen"])
+    cut["finished"] = False
+    write_jsonl(out / "samples.jsonl", rows)
+    assert "0 to sample" in gen(setup, out, *TOY_ARGS).stdout
+    assert all(p["chosen_finished"] and p["rejected_finished"] for p in check_pairs(out, keep_truncated=False))
+    gen(setup, out, *TOY_ARGS, "--keep-truncated")
+    pairs = check_pairs(out, keep_truncated=True)
+    assert pairs[0]["chosen"] == cut["response"] and pairs[0]["chosen_finished"] is False
 
 
 def test_train_dpo_reads_the_pairs(setup, toy_run, tmp_path):
@@ -187,6 +213,22 @@ def test_a_killed_run_redoes_the_partial_prompt(setup, toy_run, tmp_path):
     check_complete(read_rows(out / "samples.jsonl"), prompt_records(read_records(setup["prompts"])))
     assert (out / "pairs.jsonl").read_bytes() == (toy_run / "pairs.jsonl").read_bytes()
     assert not (out / "samples.tmp").exists()
+
+
+def test_two_ranks_resume_a_one_process_run_with_the_same_files(setup, toy_run, tmp_path):
+    """torchrun, 2 gloo ranks and another --batch-size, resuming a 1-process run killed mid-prompt: each rank
+    samples its share into its own part, rank 0 merges, and every file is byte for byte the uninterrupted run's."""
+    lines = (toy_run / "samples.jsonl").read_bytes().splitlines(keepends=True)
+    out = tmp_path / "ranks"
+    out.mkdir()
+    (out / "samples.jsonl").write_bytes(b"".join(lines[:2 * N + 1]) + lines[2 * N + 1][:25])
+    proc = run_script("gen_synthetic.py", "--model", setup["policy"], "--prompts", setup["prompts"],
+                      "--num-samples", N, "--out", out, *CPU, "--reward", "toy", "--min-gap", 0.5, "--batch-size", 2,
+                      nproc=2)
+    assert "8 prompts: 2 done before, 6 to sample on 2 ranks" in proc.stdout
+    for name in ("samples.jsonl", "pairs.jsonl", "summary.json"):
+        assert (out / name).read_bytes() == (toy_run / name).read_bytes(), name
+    assert sorted(p.name for p in out.iterdir()) == ["pairs.jsonl", "samples.jsonl", "summary.json"]
 
 
 # -----------------------------------------------------------------------------
@@ -235,11 +277,12 @@ def test_reward_server_failure_then_resume(setup, stub, tmp_path):
     assert "HTTP 500" in error
     ok_1 = {key for status, key in stub.log if status == 200}
     assert len(ok_1) == 8 and any(status == 500 for status, _ in stub.log)
-    before = (out / "samples.jsonl").read_bytes()
-    rows = read_rows(out / "samples.jsonl")
+    assert not (out / "samples.jsonl").exists()  # merged only at the end; rows so far are in the rank's part
+    rows = read_rows(out / "samples.part0-of-1.jsonl")
     done = len(groups(rows))
     assert done in (2, 4), "whole batches of 2 prompts are on disk, nothing of the failed one"
-    check_complete(rows, prompts[:done])
+    rank = {pid: i for i, (pid, _) in enumerate(prompts)}  # the part holds prompts in the order they finished
+    check_complete(sorted(rows, key=lambda r: rank[r["prompt_id"]]), [p for p in prompts if p[0] in groups(rows)])
     done_keys = {(r["prompt"][-1]["content"], r["response"]) for r in rows}
     assert done_keys <= ok_1 and ok_1 - done_keys, "the failed batch had scores in the cache already"
 
@@ -247,9 +290,9 @@ def test_reward_server_failure_then_resume(setup, stub, tmp_path):
     stub.fail_after, n_log = None, len(stub.log)
     proc = gen(setup, out, *args)
     assert f"6 prompts: {done} done before, {6 - done} to sample" in proc.stdout
-    after = (out / "samples.jsonl").read_bytes()
-    assert after.startswith(before)
+    before = rows
     rows = read_rows(out / "samples.jsonl")
+    assert all(r in rows for r in before) and not list(out.glob("samples.part*"))
     check_complete(rows, prompts)
     for r in rows:
         assert r["score"] == stub_score(r["prompt"][-1]["content"], r["response"])
@@ -265,12 +308,67 @@ def test_reward_server_failure_then_resume(setup, stub, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# gen_synthetic.py sampling from an OpenAI-compatible completions server (--policy-url)
+
+def completion_reply(stub, path, headers, body):
+    """A vLLM-like /v1/completions: its answer is a digit and a finish reason that follow from the request's seed;
+    a 500 for every request after `fail_after` successful ones."""
+    with stub.lock:
+        failing = stub.fail_after is not None and stub.ok >= stub.fail_after
+        stub.ok += not failing
+        stub.log.append((500 if failing else 200, path, body))
+    if failing:
+        return 500, {"error": "engine overloaded"}
+    finished = body["seed"] % 3 != 0
+    return 200, {"choices": [{"index": 0, "text": str(body["seed"] % 10), "logprobs": None,
+                              "finish_reason": "stop" if finished else "length"}],
+                 "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": 2 if finished else 7,
+                           "total_tokens": len(body["prompt"]) + 7}}
+
+
+def test_policy_url_samples_from_a_completions_server_and_resumes(setup, tmp_path):
+    from nanoalign.sampling import stream_key
+    stub = SimpleNamespace(lock=threading.Lock(), log=[], ok=0, fail_after=8)
+    prompts = prompt_records(read_records(setup["prompts"]), 6)
+    chat = load_chat(setup["policy"])
+    out = tmp_path / "served"
+    with json_server(lambda *request: completion_reply(stub, *request)) as url:
+        args = ("--max-prompts", 6, "--batch-size", 2, "--reward", "toy", "--policy-url", url,
+                "--policy-model", "merged", "--policy-retries", 1, "--top-k", 5, "--seed", 7)
+        # run 1: the server dies after 8 answers, during the second batch of 2 prompts x 3 samples
+        proc = gen(setup, out, *args, check=False)
+        error = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert error.startswith(f"error: policy server {url}/completions: HTTP 500") and "after 2 attempts" in error
+        assert len(groups(read_rows(out / "samples.part0-of-1.jsonl"))) == 2
+        stub.fail_after, n_log = None, len(stub.log)
+        proc = gen(setup, out, *args)
+    assert "6 prompts: 2 done before, 4 to sample" in proc.stdout
+    asked = [body for status, _, body in stub.log[n_log:]]
+    assert len(asked) == 4 * N - 2  # the 2 answers of the failed batch came from the cache
+    rows = read_rows(out / "samples.jsonl")
+    check_complete(rows, prompts)
+    ids = {pid: chat.render_prompt(messages) for pid, messages in prompts}
+    for r in rows:
+        seed = stream_key(7, (r["prompt_id"], r["sample"]))[0]  # sample k of prompt p: the server's draw `seed`
+        assert (r["response"], r["finished"], r["n_tokens"]) == (str(seed % 10), seed % 3 != 0, 2 if seed % 3 else 7)
+        assert r["score"] == toy.reward(r["prompt"], r["response"])
+    assert {path for _, path, _ in stub.log} == {"/v1/completions"}
+    bodies = {(tuple(b["prompt"]), b["seed"]): b for _, _, b in stub.log}
+    assert {(tuple(ids[r["prompt_id"]]), stream_key(7, (r["prompt_id"], r["sample"]))[0]) for r in rows} == set(bodies)
+    for b in bodies.values():  # our chat template's ids, both Qwen stop ids, the run's settings
+        assert (b["model"], b["max_tokens"], b["temperature"], b["top_p"], b["top_k"], b["n"]) == \
+            ("merged", 2, 0.8, 0.95, 5, 1)
+        assert b["stop_token_ids"] == list(chat.stop_ids) and tuple(b["prompt"]) in {tuple(v) for v in ids.values()}
+
+
+# -----------------------------------------------------------------------------
 # eval_winrate.py
 
-def evaluate(setup, out, *args, check=True):
+def evaluate(setup, out, *args, check=True, nproc=1):
     return run_script("eval_winrate.py", "--model-a", setup["policy"], "--name-a", "nines",
                       "--prompts", setup["eval_prompts"], "--reward", "toy", "--batch-size", 3, "--out", out,
-                      *CPU, *args, check=check)
+                      *CPU, *args, check=check, nproc=nproc)
 
 
 def check_verdicts(out, prompts, tie_eps):
@@ -286,7 +384,7 @@ def check_verdicts(out, prompts, tie_eps):
     summary = json.loads((out / "summary.json").read_text())
     expected = win_rate([r["score_a"] for r in rows], [r["score_b"] for r in rows], tie_eps)
     for k, v in expected.items():
-        assert summary[k] == (pytest.approx(v, nan_ok=True) if k != "ci95" else pytest.approx(v)), k
+        assert summary[k] == (v if v is None else pytest.approx(v)), k
     return rows, summary
 
 
@@ -310,6 +408,29 @@ def test_eval_model_vs_model_and_rerun(setup, tmp_path):
     proc = evaluate(setup, out, "--model-b", setup["seven"], "--name-b", "sevens")
     assert "8 prompts: 8 judged before, 0 to go" in proc.stdout
     assert (out / "per_prompt.jsonl").read_bytes() == judged and (out / "summary.json").read_bytes() == verdict
+
+    # 2 gloo ranks, sampled at temperature 1 (keyed by prompt): the same verdicts as one process
+    sampled = ("--model-b", setup["seven"], "--name-b", "sevens", "--temperature", 1.0)
+    evaluate(setup, tmp_path / "one", *sampled)
+    proc = evaluate(setup, tmp_path / "two", *sampled, "--batch-size", 2, nproc=2)
+    assert "8 prompts: 0 judged before, 8 to go on 2 ranks" in proc.stdout
+    for name in ("per_prompt.jsonl", "summary.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert len({r["response_a"] for r in read_rows(tmp_path / "one" / "per_prompt.jsonl")}) > 2  # really sampled
+
+
+def test_eval_policy_url_against_a_local_model(setup, tmp_path):
+    from nanoalign.sampling import stream_key
+    stub = SimpleNamespace(lock=threading.Lock(), log=[], ok=0, fail_after=None)
+    prompts = prompt_records(read_records(setup["eval_prompts"]))
+    with json_server(lambda *request: completion_reply(stub, *request)) as url:
+        evaluate(setup, tmp_path / "served", "--policy-url-a", url, "--model-b", setup["seven"], "--name-b", "sevens",
+                 "--seed", 3)
+    rows, _ = check_verdicts(tmp_path / "served", prompts, 0.0)
+    assert [r["response_a"] for r in rows] == [str(stream_key(3, pid)[0] % 10) for pid, _ in prompts]
+    assert {r["response_b"] for r in rows} == {"7"} and len(stub.log) == len(prompts)
+    assert {b["temperature"] for _, _, b in stub.log} == {0.0} and {b["model"] for _, _, b in stub.log} == \
+        {str(setup["policy"])}
 
 
 def test_eval_model_vs_stored_responses(setup, tmp_path):
@@ -359,3 +480,68 @@ def test_ungradable_prompt_fails_before_sampling(setup, tmp_path):
     proc = gen(setup, tmp_path / "top_p", "--reward", "toy", "--top-p", 0, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == \
         "error: need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1, got 0.8, 0, 0.0"
+
+
+# -----------------------------------------------------------------------------
+# Scoring call sites: exact ties, refused items, valid summaries
+
+def strict_json(path):
+    """JSON as the spec has it: a NaN or Infinity token is an error (Python's json.loads would accept it)."""
+    return json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"{path}: {token} is not JSON"))
+
+
+def test_identical_answers_are_exact_ties_with_a_local_reward_model(setup, tmp_path):
+    """Stored B answers equal to A's greedy answer on half the prompts, long different ones on the others, judged
+    by a tiny random reward model in fp32 with --tie-eps 0: every identical pair is a tie (A and B used to be
+    scored in separate calls with different batch neighbours, which made wins and losses out of identical text)."""
+    from tests.test_reward import make_seqcls_dir
+    rm_dir = make_seqcls_dir(tmp_path / "rm", toy.build_tokenizer(tmp_path / "tok"), "qwen2")
+    prompts = prompt_records(read_records(setup["eval_prompts"]))
+    stored = [{"prompt_id": pid, "response": "9" if i % 2 else f"The largest of them all is {i} " * (i + 1)}
+              for i, (pid, _) in enumerate(prompts)]
+    path = write_jsonl(tmp_path / "answers.jsonl", stored)
+    out = tmp_path / "ties"
+    evaluate(setup, out, "--responses-b", path, "--reward", rm_dir, "--reward-batch-size", 4)
+    rows = read_rows(out / "per_prompt.jsonl")
+    assert {r["response_a"] for r in rows} == {"9"}
+    same = [r for r in rows if r["response_a"] == r["response_b"]]
+    assert len(same) == 4 and all(r["winner"] == "tie" and r["score_a"] == r["score_b"] for r in same)
+    assert all(r["winner"] != "tie" for r in rows if r not in same)
+    summary = strict_json(out / "summary.json")
+    assert summary["ties"] == 4 and summary["skipped"] == 0
+
+    # all ties: nothing decided, so no win rate: null, the whole interval, and valid JSON
+    write_jsonl(path, [{"prompt_id": pid, "response": "9"} for pid, _ in prompts])
+    evaluate(setup, tmp_path / "all_ties", "--responses-b", path)
+    summary = strict_json(tmp_path / "all_ties" / "summary.json")
+    assert (summary["ties"], summary["win_rate"], summary["ci95"]) == (8, None, [0.0, 1.0])
+
+
+def test_refused_items_are_skipped_and_counted(setup, tmp_path):
+    """An endpoint that answers HTTP 400 for some answers: the run finishes, those samples keep score null and
+    are in no pair, summary.json counts them; a rerun asks nothing again."""
+    log = []
+
+    def respond(path, headers, body):
+        question, response = body["messages"][-2]["content"], body["messages"][-1]["content"]
+        log.append(response)
+        if response == "8":
+            return 400, {"error": "input too long"}
+        return 200, {"choices": [{"message": {"content": f"reward:{stub_score(question, response)}"}}]}
+
+    with json_server(respond) as url:
+        out = tmp_path / "refused"
+        args = ("--max-prompts", 4, "--batch-size", 2, "--reward", url, "--reward-retries", 0)
+        gen(setup, out, *args)
+        rows = read_rows(out / "samples.jsonl")
+        refused = [r for r in rows if r["response"] == "8"]
+        assert refused and all(r["score"] is None for r in refused)
+        assert all(r["score"] == stub_score(r["prompt"][-1]["content"], r["response"]) for r in rows
+                   if r["response"] != "8")
+        summary = strict_json(out / "summary.json")
+        assert summary["skipped"] == len(refused) and summary["samples"] == len(rows) == 4 * N
+        assert all("8" not in (p["chosen"], p["rejected"]) for p in read_rows(out / "pairs.jsonl"))
+        asked = len(log)
+        (out / "samples.jsonl").write_text("")  # sample everything again: every score, refusals too, is cached
+        gen(setup, out, *args)
+        assert len(log) == asked and strict_json(out / "summary.json") == summary

@@ -17,19 +17,21 @@ from safetensors.torch import load_file
 
 from nanoalign import toy
 from nanoalign.chat import load_chat
-from nanoalign.data import mix, preference_examples, read_records, split_holdout, step_batches
+from nanoalign.data import holdout_and_mix, preference_examples, read_records, step_batches
 from nanoalign.lora import adapters_disabled, load_adapter, load_merged
 from nanoalign.model import load_model, save_model
-from tests.fixtures import cached_toy_setup, max_weight_diff, read_metrics, read_weights, run_script, write_jsonl
+from tests.fixtures import (cached_toy_setup, check_stopped_on_nan, max_weight_diff, read_metrics, read_weights,
+                            run_script, write_jsonl)
 
 SCRIPT = "train_dpo.py"
 FP32 = ("--device", "cpu", "--precision", "fp32")
 LN2 = math.log(2)
 BETA = 0.1  # the script's default
 N_PAIRS, N_EVAL = 352, 256  # the learning run trains on 96 pairs and measures its held-out accuracy on 256
-# the runs that check DDP, accumulation and the precomputed reference: 3 steps, 18 held-out pairs (even, so two
-# ranks evaluate every one of them and the eval metrics can be compared too)
-SMALL = ("--max-steps", 3, "--lr", 2e-3, "--eval-frac", 0.05)
+# the runs that check DDP, accumulation and the precomputed reference: 3 steps, 19 held-out pairs (odd, so two
+# ranks evaluate 10 and 9 of them: the eval metrics must still be those of one process over all 19)
+SMALL_EVAL = 0.054  # round(0.054 * 352) = 19
+SMALL = ("--max-steps", 3, "--lr", 2e-3, "--eval-frac", SMALL_EVAL)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def dpo(setup, out, *args, nproc=1, check=True):
 def splits(setup, eval_frac, seed=0):
     """The script's train / eval pairs, rebuilt here with the data functions (default max lengths)."""
     examples, _ = preference_examples(read_records(setup.prefs), setup.chat, 1024, 512)
-    return split_holdout(mix([examples], [1.0], seed), eval_frac, seed)
+    return holdout_and_mix([examples], [1.0], eval_frac, seed)
 
 
 def first_batch(setup, batch_size, eval_frac, seed=0):
@@ -175,7 +177,7 @@ def test_ddp_and_accumulation_match_one_big_batch(setup, small, tmp_path):
         for r, r_big in zip(rows, big):
             for k in ("loss", "reward_acc", "reward_margin", "chosen_logps", "rejected_logps", "grad_norm"):
                 assert r[k] == pytest.approx(r_big[k], rel=1e-6, abs=1e-5), (name, r["step"], k)  # logps ~ -100
-        for k in ("eval_loss", "eval_reward_acc", "eval_reward_margin"):  # 18 eval pairs, 9 per rank
+        for k in ("eval_loss", "eval_reward_acc", "eval_reward_margin"):  # 19 eval pairs, 10 + 9 on 2 ranks
             assert rows[-1][k] == pytest.approx(big[-1][k], abs=1e-5), (name, k)
         assert max_weight_diff(read_weights(tmp_path / name / "final"), read_weights(small / "big" / "final")) < 1e-5
     assert lora_b_max(small / "big" / "final") > 1e-3  # the adapter moved (B starts at 0), 100x the tolerance
@@ -183,7 +185,7 @@ def test_ddp_and_accumulation_match_one_big_batch(setup, small, tmp_path):
     assert all(".lora_A." in k or ".lora_B." in k for k in read_weights(small / "big" / "final"))
 
 
-def used_pairs(setup, steps, global_batch, eval_frac=0.05):
+def used_pairs(setup, steps, global_batch, eval_frac=SMALL_EVAL):
     """The pairs a run of `steps` steps sees (its global batches, cut by the data functions) plus the eval split."""
     train_set, eval_set = splits(setup, eval_frac)
     lengths = [len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) for ex in train_set]
@@ -202,8 +204,8 @@ def test_precomputed_reference(setup, small, tmp_path):
     out = tmp_path / "pre"
     # 2 ranks x 2 pairs with precomputed log-probs vs 1 rank x 4 pairs with the in-loop reference (DDP alone: above)
     proc = dpo(setup, out, *SMALL, "--batch-size", 2, "--precompute-ref", nproc=2)
-    assert "reference log-probs: 30 pairs used, 30 to compute" in proc.stdout, proc.stdout  # 3 x 4 + 18 eval
-    assert "reference log-probs of 30 pairs" in proc.stdout and "tokens/s" in proc.stdout
+    assert "reference log-probs: 31 pairs used, 31 to compute" in proc.stdout, proc.stdout  # 3 x 4 + 19 eval
+    assert "reference log-probs of 31 pairs" in proc.stdout and "tokens/s" in proc.stdout
     rows, big = read_metrics(out), read_metrics(small / "big")
     assert len(rows) == 3
     for r, r_big in zip(rows, big):
@@ -221,19 +223,19 @@ def test_precomputed_reference(setup, small, tmp_path):
         assert (cached - plain_logps(load_model(setup.model).eval(), pairs)).abs().max().item() < 1e-4
 
     used3 = used_pairs(setup, 3, 4)
-    assert len(set(pair_keys(used3))) == 30 < N_PAIRS
+    assert len(set(pair_keys(used3))) == 31 < N_PAIRS
     check_cache(used3)
 
-    # a longer run on 1 rank: the 30 pairs are reused, the 3 new steps' 12 pairs computed and added to the file
-    proc = dpo(setup, out, "--max-steps", 6, "--eval-frac", 0.05, "--batch-size", 4, "--precompute-ref")
-    assert "reference log-probs: 42 pairs used, 12 to compute" in proc.stdout and "stale" not in proc.stdout
+    # a longer run on 1 rank: the 31 pairs are reused, the 3 new steps' 12 pairs computed and added to the file
+    proc = dpo(setup, out, "--max-steps", 6, "--eval-frac", SMALL_EVAL, "--batch-size", 4, "--precompute-ref")
+    assert "reference log-probs: 43 pairs used, 12 to compute" in proc.stdout and "stale" not in proc.stdout
     assert "reference log-probs of 12 pairs" in proc.stdout, proc.stdout
     assert read_metrics(out)[-6]["loss"] == pytest.approx(LN2, abs=1e-5)  # the cached reference is the model's
     check_cache(used_pairs(setup, 6, 4))
     # another --max-len is another truncation: stale, recomputed (only what this run uses)
-    proc = dpo(setup, out, "--max-steps", 1, "--eval-frac", 0.05, "--batch-size", 4, "--precompute-ref",
+    proc = dpo(setup, out, "--max-steps", 1, "--eval-frac", SMALL_EVAL, "--batch-size", 4, "--precompute-ref",
                "--max-len", 768)
-    assert "stale" in proc.stdout and "22 pairs used, 22 to compute" in proc.stdout, proc.stdout
+    assert "stale" in proc.stdout and "23 pairs used, 23 to compute" in proc.stdout, proc.stdout
     assert read_metrics(out)[-1]["loss"] == pytest.approx(LN2, abs=1e-5)
 
 
@@ -262,6 +264,19 @@ def test_stacked_second_round_and_merge(setup, learned, tmp_path):
         hf_logits, our_logits, r1_logits = hf(ids).logits, ours(ids), base_r1(ids)
     assert (hf_logits - our_logits).abs().max().item() < 1e-4
     assert (our_logits - r1_logits).abs().max().item() > 1e-3  # round 2 changed something
+
+
+def test_round2_on_an_adapter_trained_with_dropout_starts_at_ln2(setup, tmp_path):
+    """Round 1 trained with --lora-dropout 0.1: loaded frozen under round 2 it applies no dropout, so the train-mode
+    policy pass equals the eval-mode reference pass and step 0 is exactly ln 2 (0.6968 when it kept its dropout)."""
+    dpo(setup, tmp_path / "r1", "--max-steps", 3, "--lr", 1e-2, "--batch-size", 4, "--eval-frac", 0,
+        "--lora-dropout", 0.1)
+    assert json.loads((tmp_path / "r1/final/adapter_config.json").read_text())["lora_dropout"] == 0.1
+    assert lora_b_max(tmp_path / "r1/final") > 1e-3
+    dpo(setup, tmp_path / "r2", "--adapter", tmp_path / "r1/final", "--max-steps", 1, "--batch-size", 4,
+        "--eval-frac", 0)
+    first = read_metrics(tmp_path / "r2")[0]
+    assert first["loss"] == pytest.approx(LN2, abs=1e-6) and first["chosen_reward"] == 0.0, first
 
 
 def test_precompute_notices_a_retrained_adapter(setup, learned, small, tmp_path):
@@ -339,15 +354,24 @@ def test_human_and_synthetic_sources_are_mixed(setup, tmp_path):
     out = tmp_path / "mixed"
     proc = run_script(SCRIPT, "--model", setup.model, "--data", setup.prefs, "--data", synth_file,
                       "--data-weights", "0.25,1.5", "--out", out, *FP32, "--save-every", 0, "--max-steps", 1,
-                      "--batch-size", 4, "--eval-frac", 0)
-    # mix: round(0.25 * 352) human + round(1.5 * 40) synthetic = 88 + 60 pairs
-    assert "148 train / 0 eval pairs" in proc.stdout
+                      "--batch-size", 4, "--eval-frac", 0.1)
+    # 10% held out of each source first (35 + 4 pairs, each once), then the rest mixed:
+    # round(0.25 * 317) human + round(1.5 * 36) synthetic = 79 + 54 pairs
+    assert "133 train / 39 eval pairs" in proc.stdout
     assert f"{setup.prefs}: {{'kept': {N_PAIRS}" in proc.stdout and f"{synth_file}: {{'kept': 40" in proc.stdout
     bad = run_script(SCRIPT, "--model", setup.model, "--data", setup.prefs, "--data-weights", "1,1", "--out",
                      tmp_path / "bad", *FP32, check=False)
     assert bad.returncode != 0 and "--data-weights has 2 values for 1 --data sources" in last_line(bad.stderr)
 
 
+def test_diverging_run_stops_with_one_line_and_saves_no_nan(setup, tmp_path):
+    """--lr 1e30 blows the adapter up after one update: the NaN steps are skipped, the third in a row stops the run
+    with one line, no final/ (it used to exit 0 with a NaN adapter and NaN tokens in metrics.jsonl)."""
+    out = tmp_path / "out"
+    proc = dpo(setup, out, "--lr", 1e30, "--max-steps", 20, "--batch-size", 4, "--eval-frac", 0, "--save-every", 1,
+               check=False)
+    rows = check_stopped_on_nan(proc, out)
+    assert rows[0]["loss"] == pytest.approx(LN2, abs=1e-6) and not (out / "merged").exists()
 def test_prompt_budget_defaults_to_half_of_max_len(setup, tmp_path):
     """--max-len 512 alone runs: --max-prompt-len follows it (256) instead of failing against a fixed 512."""
     dpo(setup, tmp_path / "short", "--max-len", 512, "--max-steps", 1, "--batch-size", 4, "--eval-frac", 0)

@@ -13,7 +13,7 @@ from nanoalign import toy
 from nanoalign.chat import load_chat
 from nanoalign.data import pack, read_records, sft_examples, split_holdout
 from nanoalign.model import load_model
-from tests.fixtures import ROOT, cached_toy_setup, max_weight_diff, read_metrics, read_weights, run_script, write_jsonl
+from tests.fixtures import ROOT, cached_toy_setup, check_stopped_on_nan, max_weight_diff, read_metrics, read_weights, run_script, write_jsonl
 
 SCRIPT = "train_sft.py"
 FP32 = ("--device", "cpu", "--precision", "fp32")
@@ -49,8 +49,9 @@ def train(toy_setup, data, out, *args, nproc=1):
 
 def test_ddp_and_accumulation_match_one_big_batch(toy_setup, varied_sft, tmp_path):
     """Global batch of 4 conversations, split four ways: the same loss, grad norm, eval loss and final weights.
-    (A per-micro-batch mean of means moves the weights ~4e-3 here; float noise ~1e-6.)"""
-    common = ("--max-steps", 3, "--lr", 1e-3, "--eval-frac", 0.25, "--eval-every", 0, "--save-every", 0, *UNPACKED)
+    (A per-micro-batch mean of means moves the weights ~4e-3 here; float noise ~1e-6.) 5 held-out conversations:
+    two ranks evaluate 3 and 2 of them, and the eval loss is still that of one process over all 5."""
+    common = ("--max-steps", 3, "--lr", 1e-3, "--eval-frac", 0.3, "--eval-every", 0, "--save-every", 0, *UNPACKED)
     splits = {  # name: (processes, batch size, accumulation steps)
         "1x4": (1, 4, 1), "ddp 2x2": (2, 2, 1), "1x2 accum 2": (1, 2, 2), "ddp 2x1 accum 2": (2, 1, 2)}
     runs = {name: train(toy_setup, varied_sft, tmp_path / str(i), "--batch-size", b, "--grad-accum", k, *common,
@@ -235,3 +236,33 @@ def test_bad_input_is_one_line_a_bug_keeps_its_traceback(toy_setup, tmp_path):
     bug = subprocess.run([sys.executable, "-c", inject], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bug.returncode != 0 and "Traceback" in bug.stderr and "KeyError: 'ids'" in bug.stderr, bug.stderr[-2000:]
     assert "in buggy" in bug.stderr  # the traceback reaches the line that raised
+
+
+def test_diverging_run_stops_with_one_line_and_saves_no_nan(toy_setup, tmp_path):
+    """--lr 1e30: the first update blows the weights up, every later loss is NaN. Each such step is skipped, the third
+    in a row stops the run with one line; no final/, metrics.jsonl stays valid JSON. (It used to exit 0 with NaN
+    weights in final/ and NaN tokens in metrics.jsonl.)"""
+    out = tmp_path / "out"
+    proc = run_script(SCRIPT, "--model", toy_setup.model, "--data", toy_setup.sft, "--out", out, *FP32, "--lr", 1e30,
+                      "--max-steps", 20, "--batch-size", 1, "--eval-frac", 0, "--save-every", 1, check=False)
+    rows = check_stopped_on_nan(proc, out)
+    assert len(rows) == 4 and rows[0]["loss"] > 0  # step 1 was fine; 2, 3, 4 were not
+def test_fsdp_two_ranks_match_one_process_and_resume(toy_setup, varied_sft, tmp_path):
+    """--fsdp (FSDP2, gloo on CPU): 2 ranks train what 1 process trains (losses, grad norms, saved HF weights);
+    the HF dir is gathered on rank 0; a run resumed from ckpt-2 ends where the uninterrupted one does."""
+    common = ("--max-steps", 3, "--lr", 1e-3, "--eval-frac", 0, "--save-every", 2, "--max-len", 160)
+    one = train(toy_setup, varied_sft, tmp_path / "one", "--batch-size", 12, *common)
+    fsdp = train(toy_setup, varied_sft, tmp_path / "fsdp", "--batch-size", 6, "--fsdp", *common, nproc=2)
+    for r, r_ref in zip(fsdp, one):
+        assert r["loss"] == pytest.approx(r_ref["loss"], abs=1e-5)
+        assert r["grad_norm"] == pytest.approx(r_ref["grad_norm"], rel=1e-4)
+    weights = read_weights(tmp_path / "one" / "final")
+    assert max_weight_diff(weights, read_weights(toy_setup.model)) > 1e-4
+    assert max_weight_diff(read_weights(tmp_path / "fsdp" / "final"), weights) < 1e-5
+    assert load_model(tmp_path / "fsdp" / "final") is not None  # a loadable HF dir, tied embedding and all
+    shutil.copytree(tmp_path / "fsdp" / "ckpt-2", tmp_path / "resumed" / "ckpt-2")
+    resumed = train(toy_setup, varied_sft, tmp_path / "resumed", "--batch-size", 6, "--fsdp", *common,
+                    "--resume", "auto", nproc=2)
+    assert [r["step"] for r in resumed] == [3]
+    assert resumed[0]["loss"] == pytest.approx(fsdp[2]["loss"], abs=1e-6)
+    assert max_weight_diff(read_weights(tmp_path / "resumed" / "final"), read_weights(tmp_path / "fsdp" / "final")) < 1e-6

@@ -1,0 +1,86 @@
+"""Samples from an OpenAI-compatible completions server (vLLM or SGLang serving the merged model of
+`train_dpo.py --merge`), for users who outgrow one node: gen_synthetic.py / eval_winrate.py --policy-url.
+
+    policy = HttpPolicy("http://10.0.0.5:8000/v1", model="runs/dpo/merged", stop_ids=chat.stop_ids, max_new_tokens=512,
+                        temperature=0.8, top_p=0.95, seed=0, cache_path="runs/synth/policy_cache.jsonl")
+    [(text, n_tokens, finished), ...] = policy.sample([(prompt_ids, (prompt_id, k)), ...])
+
+Each sample is one request with n = 1: `prompt` is the token ids the local engine would get (the chat template is
+ours, not the server's), `seed` a hash of (seed, prompt_id, k), so sample k of a prompt is the server's same draw
+on every run (vLLM honours per-request seeds), and `stop_token_ids` ends it on both Qwen stop ids. Answers are
+appended to a JSONL cache as they arrive and read back at start: a killed run asks only what is missing.
+The transport (total deadline per request, retries, concurrency, prompt Ctrl-C, key handling) is
+nanoalign.endpoint.Endpoint, shared with the reward client.
+"""
+import hashlib
+import json
+from pathlib import Path
+import threading
+
+from nanoalign.endpoint import Endpoint, EndpointError
+from nanoalign.sampling import stream_key
+
+
+class PolicyServerError(RuntimeError):
+    """The completions server failed for good (after retries), or sent a reply without a completion."""
+
+
+def parse_completion(body: bytes) -> tuple[str, int, bool]:
+    """(text, completion tokens, finished) of a completions reply with one choice; finished = it stopped on a stop
+    id ("stop"), not at max_tokens ("length")."""
+    try:
+        reply = json.loads(body)
+        choice = reply["choices"][0]
+        return str(choice["text"]), int(reply["usage"]["completion_tokens"]), choice["finish_reason"] == "stop"
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ValueError(f"no completion in the reply (choices[0].text, finish_reason, usage.completion_tokens): "
+                         f"{body[:300].decode('utf-8', 'replace')!r}") from None
+
+
+class HttpPolicy:
+    """See the module docstring. timeout/retries/backoff/concurrency/api_key_env as in endpoint.Endpoint."""
+
+    def __init__(self, base_url, model, stop_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, seed=0,
+                 api_key_env="OPENAI_API_KEY", timeout=600, retries=4, backoff=1.0, concurrency=32,
+                 cache_path=None):
+        self.transport = Endpoint(base_url.rstrip("/") + "/completions", api_key_env, timeout, retries, backoff,
+                                  concurrency, what="policy server")
+        self.settings = dict(model=model, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             stop_token_ids=list(stop_ids), n=1, skip_special_tokens=True)
+        if top_k:
+            self.settings["top_k"] = top_k  # vLLM / SGLang extension; not sent when off
+        self.seed, self.concurrency = seed, concurrency
+        self.cache_path = Path(cache_path) if cache_path else None
+        self.cache, self._lock = {}, threading.Lock()
+        if self.cache_path and self.cache_path.exists():
+            for line in self.cache_path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                self.cache[row["request_sha256"]] = (row["text"], row["n_tokens"], row["finished"])
+
+    def payload(self, prompt_ids, key) -> dict:
+        return dict(self.settings, prompt=list(prompt_ids), seed=stream_key(self.seed, key)[0])
+
+    def sample(self, requests) -> list[tuple[str, int, bool]]:
+        """[(text, n_tokens, finished)] for requests [(prompt ids, key)], in order, `concurrency` at a time.
+        Raises PolicyServerError for the first request that fails; answers received before are cached."""
+        payloads = [self.payload(p, key) for p, key in requests]
+        shas = [hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest() for p in payloads]
+        todo = {sha: p for sha, p in zip(shas, payloads) if sha not in self.cache}
+        self.transport.map(lambda item: self._ask(*item), todo.items())
+        return [self.cache[sha] for sha in shas]
+
+    def _ask(self, sha, payload):
+        try:
+            answer = self.transport.post(payload, parse_completion)
+        except EndpointError as e:
+            raise PolicyServerError(str(e)) from None
+        with self._lock:
+            self.cache[sha] = answer
+            if self.cache_path:
+                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.cache_path, "a") as f:
+                    f.write(json.dumps(dict(request_sha256=sha, model=payload["model"], text=answer[0],
+                                            n_tokens=answer[1], finished=answer[2])) + "\n")

@@ -1,0 +1,403 @@
+"""An OpenAI-compatible HTTP endpoint, asked many items at once: the transport (a total deadline per request,
+retries with backoff, a concurrency limit, prompt stop on Ctrl-C), a JSONL cache that lets a rerun ask only what
+is missing, and on top of both the reward client (NVIDIA NIM reward models: Llama-3.1-Nemotron-70B-Reward).
+
+    ep = Endpoint("https://integrate.api.nvidia.com/v1/chat/completions", what="reward server")
+    replies = ep.map(lambda payload: ep.post(payload, parse=json.loads), payloads)   # in order; stops on error
+    rm = HttpReward("https://integrate.api.nvidia.com/v1", cache_path="runs/rm_cache.jsonl", tokenizer="tok/")
+
+Errors: EndpointError ends a run (after the retries, or at once for 401/403/404 and the like); ClientError is a
+refusal of one item (400, 413, 422: e.g. an input over the model's context) that the caller may record and skip.
+"""
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+import hashlib
+import http.client
+import json
+import math
+import os
+from pathlib import Path
+import socket
+import threading
+import time
+import urllib.parse
+
+from tokenizers import Tokenizer
+
+from nanoalign.errors import InputError
+
+NVIDIA_BASE_URL = "https://integrate.api.nvidia.com/v1"
+NEMOTRON_REWARD = "nvidia/llama-3.1-nemotron-70b-reward"
+ITEM_ERRORS = (400, 413, 422)  # the item is refused (too long, malformed content); the endpoint itself works
+
+
+class EndpointError(RuntimeError):
+    """The endpoint failed for good: after the retries, or at once on a 4xx that is not about one item."""
+
+
+class ClientError(EndpointError):
+    """The endpoint refused one item (HTTP 400/413/422); other items may still succeed."""
+
+
+class Retry(Exception):
+    """A failure worth another attempt: 5xx, 429, timeout, connection error, or a reply `parse` finds unusable."""
+
+    def __init__(self, what, wait=None):
+        super().__init__(what)
+        self.what, self.wait = what, wait
+
+
+class Stopped(Exception):
+    """Raised in worker threads once the endpoint is stopped (Ctrl-C): no more requests, no more retries."""
+
+
+class Endpoint:
+    """POST JSON to one URL, many requests at a time.
+
+    Each request has a total deadline of `timeout` seconds (connect, send, headers and body together: a server
+    that trickles its reply is cut off at the deadline, not kept alive by every byte). 5xx, 429, timeouts,
+    connection errors and Retry raised by `parse` are retried `retries` times after backoff * 2^k seconds (or the
+    server's Retry-After, at most 60 s). The API key is read from the environment variable `api_key_env` at each
+    request; it is never an argument, never stored, and scrubbed from every message.
+
+    stop() (called by map on Ctrl-C) aborts the requests in flight and every retry: workers raise Stopped.
+    """
+
+    def __init__(self, url, api_key_env="NVIDIA_API_KEY", timeout=60.0, retries=4, backoff=1.0, concurrency=8,
+                 what="endpoint"):
+        parts = urllib.parse.urlsplit(url)
+        if parts.username or parts.password:
+            raise InputError(f"credentials in the {what} URL are not supported: put the key in ${api_key_env}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InputError(f"{what} URL must be http(s)://host/..., got {url!r}")
+        self.parts, self.url = parts, url
+        self.where = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))  # no query string
+        self.api_key_env, self.what = api_key_env, what
+        self.timeout, self.retries, self.backoff, self.concurrency = timeout, retries, backoff, concurrency
+        self.stopped = threading.Event()
+        self._live, self._lock = set(), threading.Lock()  # connections in flight, for stop()
+
+    # --- one item
+
+    def post(self, payload: dict, parse=lambda body: body):
+        """POST payload with retries; returns parse(reply body). Raises EndpointError / ClientError / Stopped."""
+        body = json.dumps(payload).encode()
+        attempts = self.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return parse(self._request(body, attempt))
+            except Retry as e:
+                if attempt == attempts:
+                    raise EndpointError(self._say(f"{e.what} after {attempts} attempts")) from None
+                if self.stopped.wait(e.wait if e.wait is not None else self.backoff * 2 ** (attempt - 1)):
+                    raise Stopped() from None
+            except ValueError as e:  # parse could not read a reply that arrived whole: not worth retrying
+                raise EndpointError(self._say(str(e))) from None
+
+    def _request(self, body: bytes, attempt: int) -> bytes:
+        """One POST within the deadline. Raises Retry, Stopped, ClientError or EndpointError."""
+        if self.stopped.is_set():
+            raise Stopped()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        cls = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
+        conn = cls(self.parts.hostname, self.parts.port, timeout=self.timeout)
+        expired = threading.Event()
+        timer = threading.Timer(self.timeout, lambda: (expired.set(), _abort(conn)))
+        with self._lock:
+            self._live.add(conn)
+        timer.start()
+        try:
+            conn.request("POST", urllib.parse.urlunsplit(("", "", self.parts.path, self.parts.query, "")), body,
+                         headers)
+            reply = conn.getresponse()
+            status, data, retry_after = reply.status, reply.read(), reply.getheader("Retry-After", "")
+        except (OSError, http.client.HTTPException) as e:
+            error = e
+        else:
+            error = None
+        finally:
+            timer.cancel()
+            with self._lock:
+                self._live.discard(conn)
+            conn.close()
+        if self.stopped.is_set():
+            raise Stopped()
+        if expired.is_set() or isinstance(error, TimeoutError):  # a body cut at the deadline may look whole
+            raise Retry(f"no complete reply within {self.timeout:g} s")
+        if error is not None:
+            raise Retry(f"{type(error).__name__}: {error}")
+        if status < 300:
+            return data
+        what = f"HTTP {status}: {data[:300].decode('utf-8', 'replace')!r}"
+        if status == 429 or status >= 500:
+            raise Retry(what, min(float(retry_after), 60.0) if retry_after.isdigit() else None)
+        hint = f" (is ${self.api_key_env} set?)" if status in (401, 403) else ""
+        error = ClientError if status in ITEM_ERRORS else EndpointError
+        raise error(self._say(f"{what}{hint} (attempt {attempt}, not retried)"))
+
+    def _say(self, message: str) -> str:
+        """'<what> <url>: message' with the API key scrubbed."""
+        message = f"{self.what} {self.where}: {message}"
+        key = os.environ.get(self.api_key_env)
+        return message.replace(key, "***") if key else message
+
+    # --- many items
+
+    def map(self, fn, items) -> list:
+        """[fn(item) for item in items], `concurrency` at a time, in order.
+
+        The first error raised by fn (e.g. EndpointError) stops the others (queued items dropped, requests in
+        flight aborted) and is raised. Ctrl-C does the same within about a second, then raises KeyboardInterrupt:
+        what fn stored before (e.g. a cache row) stays stored.
+        """
+        items = list(items)
+        if not items:
+            return []
+        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in futures if f in done and f.exception() is not None), None)
+            if failed is not None:
+                self.stop()
+                raise failed.exception()
+            return [f.result() for f in futures]
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self.stopped.clear()
+
+    def stop(self):
+        """Abort every request in flight and every retry wait; new requests raise Stopped until map returns."""
+        self.stopped.set()
+        with self._lock:
+            live = list(self._live)
+        for conn in live:
+            _abort(conn)
+
+
+def _abort(conn):
+    """Unblock a thread reading from conn (a shutdown wakes a blocked recv at once)."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class JsonlCache:
+    """Rows keyed by some of their fields, appended to a JSONL file as they arrive and read back at start.
+
+    A line torn by a kill is skipped. Only rows whose `scope` fields match (e.g. the model name) are read, so one
+    file can hold several models' answers.
+    """
+
+    def __init__(self, path, key_fields: tuple, scope: dict):
+        self.path = Path(path) if path else None
+        self.key_fields, self.scope = key_fields, scope
+        self.rows: dict[tuple, dict] = {}
+        self._lock = threading.Lock()
+        if self.path and self.path.exists():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash mid-write
+                    continue
+                if isinstance(row, dict) and all(row.get(k) == v for k, v in scope.items()):
+                    self.rows[tuple(row.get(k) for k in key_fields)] = row
+
+    def get(self, key: tuple) -> dict | None:
+        return self.rows.get(key)
+
+    def put(self, key: tuple, **values):
+        """Store {**scope, key fields, **values}: in memory, and as one appended line on disk."""
+        row = {**self.scope, **dict(zip(self.key_fields, key)), **values}
+        with self._lock:
+            self.rows[key] = row
+            if self.path:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def load_tokenizer(path_or_hub_id) -> Tokenizer:
+    """A tokenizers.Tokenizer from a tokenizer.json, a dir holding one, or a hub id (its tokenizer.json)."""
+    path = Path(path_or_hub_id)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if path.is_file():
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise InputError(f"{path}: not a tokenizers tokenizer.json ({e})") from None
+    if str(path_or_hub_id).count("/") != 1 or str(path_or_hub_id).startswith((".", "/")):
+        raise FileNotFoundError(f"tokenizer not found: {path_or_hub_id} (a tokenizer.json, a dir holding one, "
+                                f"or a hub id)")
+    from huggingface_hub import hf_hub_download
+    try:
+        return Tokenizer.from_file(hf_hub_download(str(path_or_hub_id), "tokenizer.json"))
+    except Exception as e:  # offline, gated, no such repo: one line
+        raise FileNotFoundError(f"{path_or_hub_id}: tokenizer.json not available from the hub "
+                                f"({type(e).__name__})") from None
+
+
+# -----------------------------------------------------------------------------
+# The reward client
+
+def parse_reward(body: bytes) -> float:
+    """The score in a chat-completions reply of a NIM reward model.
+
+    Nemotron-70B-Reward puts it in `choices[0].logprobs.content` as the logprob of the token "reward"; some servers
+    only write the message content "reward:<float>" (multi-attribute models write "a:1.0,b:2.0"). First form
+    first, then the second.
+
+    Raises:
+        ValueError: neither form, with an excerpt of the body.
+        Retry: a non-finite score (NaN, inf): never a result, asked again.
+    """
+    try:
+        choice = json.loads(body)["choices"][0]
+        found = [entry["logprob"] for entry in (choice.get("logprobs") or {}).get("content") or []
+                 if entry.get("token") == "reward"]
+        if not found:
+            content = (choice.get("message") or {}).get("content") or ""
+            found = [dict(p.split(":", 1) for p in content.replace(" ", "").split(",") if ":" in p)["reward"]]
+        score = float(found[0])
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        excerpt = body[:300].decode("utf-8", "replace")
+        raise ValueError(f"no reward in the reply (neither logprobs token 'reward' nor content 'reward:<float>'): "
+                         f"{excerpt!r}") from None
+    if not math.isfinite(score):
+        raise Retry(f"non-finite score {score} in the reply")
+    return score
+
+
+class HttpReward:
+    """Scores from an OpenAI-compatible `POST {base_url}/chat/completions` reward endpoint (see Endpoint for the
+    deadline, retries, concurrency and Ctrl-C).
+
+    Each item is sent as messages = prompt + [{"role": "assistant", "content": response}] and parsed by
+    parse_reward. Items are cut to the endpoint's context (max_tokens, 4,096 for Nemotron-70B-Reward): the
+    response keeps its beginning (at most 3/4 of the budget), the prompt its end (earliest messages go first).
+    Lengths are counted with `tokenizer` (a tokenizer.json, its dir or a hub id, a tokenizers.Tokenizer or a Chat)
+    when given; `reserve` tokens (default 96) are left for the endpoint's template. Without one, a conservative
+    bound is used: 1 token per 3 ASCII characters plus 1 per UTF-8 byte of any other character (CJK text: 3 per
+    character), which cuts more than needed: pass the endpoint model's tokenizer to keep more.
+
+    Scores are appended to the JSONL `cache_path` as they arrive, keyed by (prompt id, sha256 of the response)
+    for this `model`, and read back at start, so a restarted run asks only what is missing. An item the endpoint
+    refuses (ClientError) is cached as {"error": ...}: its score is None, it is counted in `skipped`, and a rerun
+    does not ask it again. If the first `refusals_before_stop` items of a run are all refused, the endpoint is
+    refusing everything (a wrong model name, say) and the run stops with that error.
+    """
+
+    def __init__(self, base_url=NVIDIA_BASE_URL, model=NEMOTRON_REWARD, api_key_env="NVIDIA_API_KEY", timeout=60,
+                 retries=4, backoff=1.0, concurrency=8, max_tokens=4096, cache_path=None, tokenizer=None,
+                 reserve=96, refusals_before_stop=16):
+        self.endpoint = Endpoint(base_url.rstrip("/") + "/chat/completions", api_key_env, timeout, retries,
+                                 backoff, concurrency, what="reward server")
+        self.url, self.where = self.endpoint.url, self.endpoint.where
+        self.model, self.max_tokens, self.reserve = model, max_tokens, reserve
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a Chat's tokenizers.Tokenizer
+        self.cache = JsonlCache(cache_path, ("id", "response_sha256"), {"model": model})
+        self.cache_hits = 0
+        self.skipped: dict[tuple, str] = {}  # key -> the endpoint's refusal, this run and cached ones
+        self.refusals_before_stop, self._answered, self._refused = refusals_before_stop, 0, 0
+
+    def score(self, prompts, responses, ids=None) -> list[float | None]:
+        """Scores in order; None for an item the endpoint refused (see `skipped`). Raises EndpointError (after
+        the retries) for the first item that fails; every score received before that is already cached."""
+        assert len(prompts) == len(responses), f"{len(prompts)} prompts but {len(responses)} responses"
+        assert ids is None or len(ids) == len(prompts), f"{len(ids)} ids for {len(prompts)} prompts"
+        keys = [(ids[i] if ids is not None else sha256(json.dumps(p, sort_keys=True)), sha256(r))
+                for i, (p, r) in enumerate(zip(prompts, responses))]
+        todo = {}
+        for key, p, r in zip(keys, prompts, responses):
+            if self.cache.get(key) is not None:
+                self.cache_hits += 1
+            else:
+                todo.setdefault(key, (p, r))
+        self.endpoint.map(self._score_one, todo.items())
+        out = []
+        for key in keys:
+            row = self.cache.get(key)
+            if "error" in row:
+                self.skipped[key] = row["error"]
+            out.append(row.get("score"))
+        return out
+
+    def _score_one(self, item):
+        key, (prompt, response) = item
+        payload = {"model": self.model, "messages": self.truncate(prompt, response)}
+        try:
+            score = self.endpoint.post(payload, parse_reward)
+        except ClientError as e:
+            self._refused += 1
+            if not self._answered and self._refused >= self.refusals_before_stop:
+                raise EndpointError(f"the first {self._refused} items were all refused: {e}") from None
+            self.cache.put(key, error=str(e))
+            return
+        self._answered += 1
+        self.cache.put(key, score=score)
+
+    # --- truncation
+
+    def truncate(self, prompt: list[dict], response: str) -> list[dict]:
+        """prompt + [assistant response] within max_tokens - reserve: the response's beginning (at most 3/4 of the
+        budget), then as much of the prompt's end as fits (earlier messages dropped, the oldest kept one cut from
+        its left; a leading assistant turn left alone is dropped too)."""
+        budget = self.max_tokens - self.reserve
+        response = self._cut(response, budget * 3 // 4, keep="head")
+        left = budget - self._length(response)
+        kept = []
+        for m in reversed(prompt):
+            n = self._length(m["content"])
+            if n <= left:
+                kept.append(m)
+                left -= n
+                continue
+            if left > 0:
+                kept.append({**m, "content": self._cut(m["content"], left, keep="tail")})
+            break
+        kept.reverse()
+        while len(kept) > 1 and kept[0]["role"] == "assistant":
+            kept.pop(0)
+        return kept + [{"role": "assistant", "content": response}]
+
+    def _costs(self, text: str) -> list[int]:
+        """Tokens each character may cost without a tokenizer (an upper bound for byte-level BPE beyond ASCII)."""
+        return [1 if ord(c) < 128 else len(c.encode("utf-8")) * 3 for c in text]  # in thirds of a token
+
+    def _length(self, text: str) -> int:
+        if self.tokenizer is None:
+            return -(-sum(self._costs(text)) // 3)
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _cut(self, text: str, n: int, keep: str) -> str:
+        """The first (keep="head") or last ("tail") part of text that is at most n tokens long."""
+        if self._length(text) <= n:
+            return text
+        if self.tokenizer is not None:
+            offsets = self.tokenizer.encode(text, add_special_tokens=False).offsets
+            cut = text[:offsets[n][0]] if keep == "head" else text[offsets[-n][0]:]
+            while self._length(cut) > n:  # a character split over several tokens (byte-level BPE) went whole
+                cut = cut[:-1] if keep == "head" else cut[1:]
+            return cut
+        costs, total, i = self._costs(text), 0, 0
+        order = range(len(text)) if keep == "head" else range(len(text) - 1, -1, -1)
+        for i in order:
+            if total + costs[i] > 3 * n:
+                break
+            total += costs[i]
+        return text[:i] if keep == "head" else text[i + 1:]
