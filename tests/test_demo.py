@@ -1,4 +1,4 @@
-"""The README's first command, run as a user would: the whole pipeline on the toy task, offline, on CPU (~1.5 min)."""
+"""The README's first command, run as a user would: the whole pipeline on the toy task, offline, on CPU (~2 min of CPU)."""
 import json
 import re
 import subprocess
