@@ -18,6 +18,8 @@ prompt whose answer the reward endpoint refuses (HTTP 400/413/422) is judged "sk
 with nothing to average are null in summary.json.
 """
 import argparse
+import json
+import time
 from pathlib import Path
 
 import torch
@@ -31,7 +33,7 @@ from nanoalign.jsonl import ShardedJsonl, write_json
 from nanoalign.lora import load_merged
 from nanoalign.preferences import win_rate
 from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
-from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, one_line_errors, print0,
+from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, one_line_errors, print0, rate,
                              setup_distributed)
 
 # -----------------------------------------------------------------------------
@@ -129,27 +131,35 @@ if todo:
 
     def answer(model, prompt_ids, ids):
         if isinstance(model, HttpPolicy):
-            return [text for text, _, _ in model.sample(list(zip(prompt_ids, ids)))]
+            answers = model.sample(list(zip(prompt_ids, ids)))  # (text, n_tokens, finished) each
+            return [text for text, _, _ in answers], sum(n for _, n, _ in answers)
         outputs = generate(model, prompt_ids, args.max_new_tokens, chat.stop_ids, chat.pad_id, args.temperature,
                            args.top_k, args.top_p, seed=args.seed, vocab_limit=chat.vocab_size, keys=ids,
                            compile=False if args.eager else None)
-        return [chat.decode(o) for o in outputs]
+        return [chat.decode(o) for o in outputs], sum(map(len, outputs))
 
-    progress = Progress(len(todo), "prompts", enabled=d.is_main)
+    progress = Progress(len(todo), "prompts", enabled=d.is_main, unit="prompts")
     for start in range(0, len(todo), args.batch_size):
         chunk = todo[start:start + args.batch_size]
         ids = [pid for pid, _ in chunk]
         conversations = [messages for _, messages in chunk]
         prompt_ids = [chat.render_prompt(m)[-args.max_prompt_len:] for m in conversations]
-        texts_a = answer(model_a, prompt_ids, ids)
-        texts_b = answer(model_b, prompt_ids, ids) if model_b is not None else [stored[pid] for pid in ids]
+        t0 = time.time()
+        texts_a, new_tokens = answer(model_a, prompt_ids, ids)
+        if model_b is not None:
+            texts_b, new_b = answer(model_b, prompt_ids, ids)
+            new_tokens += new_b
+        else:
+            texts_b = [stored[pid] for pid in ids]
+        t1 = time.time()
         # both sides in one call: an answer both models gave is scored once, an exact tie
         scores = reward.score(conversations * 2, texts_a + texts_b, ids=ids * 2)
         judged.append([dict(prompt_id=pid, prompt=m, response_a=ta, response_b=tb, score_a=sa, score_b=sb,
                             winner=verdict(sa, sb))
                        for pid, m, ta, tb, sa, sb in zip(ids, conversations, texts_a, texts_b, scores[:len(chunk)],
                                                          scores[len(chunk):])])
-        progress.update(len(chunk))
+        progress.update(len(chunk), rate(new_tokens, t1 - t0, "new tok"),
+                        rate(2 * len(chunk), time.time() - t1, "scores"))
     progress.close()
 
 order = {pid: i for i, (pid, _) in enumerate(prompts)}

@@ -20,6 +20,7 @@ Keep generation prompts apart from eval prompts (UltraFeedback: train_gen here, 
 """
 import argparse
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,9 +33,9 @@ from nanoalign.engine import Engine
 from nanoalign.errors import InputError
 from nanoalign.jsonl import ShardedJsonl, write_json, write_jsonl
 from nanoalign.lora import load_merged
-from nanoalign.preferences import best_worst_pair
+from nanoalign.preferences import best_worst_pair, text_similarity
 from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
-from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, one_line_errors, print0,
+from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, one_line_errors, print0, rate,
                              setup_distributed)
 
 # -----------------------------------------------------------------------------
@@ -64,6 +65,8 @@ parser.add_argument("--policy-retries", type=int, default=4, help="--policy-url:
 parser.add_argument("--policy-timeout", type=float, default=600, help="--policy-url: seconds per request")
 add_reward_args(parser)
 parser.add_argument("--min-gap", type=float, default=0.0, help="keep a pair only if best - worst score >= this")
+parser.add_argument("--max-similarity", type=float, default=1.0,
+                    help="drop a pair whose chosen and rejected are more alike than this (cosine of word counts; 1 = keep all)")
 parser.add_argument("--drop-empty", action="store_true", help="never use an empty completion in a pair")
 parser.add_argument("--drop-truncated", action="store_true", default=True,
                     help="never use a completion cut at --max-new-tokens in a pair (the default)")
@@ -137,13 +140,18 @@ def server_samples(prompt_ids):
 
 def score_and_write(ready):
     """Score whole prompts [(prompt index, n (text, n_tokens, finished))] and append them to this rank's part."""
+    global sampled_at
     texts = [text for _, answers in ready for text, _, _ in answers]
     conversations = [todo[i][1] for i, _ in ready for _ in range(n)]
+    t0 = time.time()
     scores = reward.score(conversations, texts, ids=[todo[i][0] for i, _ in ready for _ in range(n)])
+    t1 = time.time()
     samples.append([dict(prompt_id=todo[i][0], prompt=todo[i][1], sample=k, response=text, score=scores[j * n + k],
                          n_tokens=n_tokens, finished=finished)
                     for j, (i, answers) in enumerate(ready) for k, (text, n_tokens, finished) in enumerate(answers)])
-    progress.update(len(ready))
+    new_tokens = sum(n_tokens for _, answers in ready for _, n_tokens, _ in answers)
+    progress.update(len(ready), rate(new_tokens, t0 - sampled_at, "new tok"), rate(len(texts), t1 - t0, "scores"))
+    sampled_at = t1
 
 
 if todo:
@@ -151,7 +159,8 @@ if todo:
     chat = load_chat(args.tokenizer or args.model)
     reward = reward_from_args(args, device, out / "reward_cache.jsonl", dtype)
     prompt_ids = [chat.render_prompt(messages)[-args.max_prompt_len:] for _, messages in todo]
-    progress = Progress(len(todo), "prompts", enabled=d.is_main)
+    progress = Progress(len(todo), "prompts", enabled=d.is_main, unit="prompts")
+    sampled_at = time.time()  # the prompts of each score_and_write were sampled since then
     ready = []
     for finished_prompt in (server_samples if args.policy_url else local_samples)(prompt_ids):
         ready.append(finished_prompt)
@@ -182,6 +191,9 @@ for pid, group in by_prompt.items():
         dropped["prompts_below_gap"] += 1
         continue
     best, worst = pair
+    if text_similarity(best["response"], worst["response"]) > args.max_similarity:
+        dropped["pairs_too_similar"] += 1
+        continue
     pairs.append(dict(prompt_id=pid, prompt=group[0]["prompt"], chosen=best["response"], rejected=worst["response"],
                       score_chosen=best["score"], score_rejected=worst["score"],
                       chosen_finished=best["finished"], rejected_finished=worst["finished"]))

@@ -23,15 +23,17 @@ from pathlib import Path
 import torch
 
 from nanoalign.chat import load_chat
-from nanoalign.data import holdout_and_mix, preference_batch, preference_examples, read_records, shard, step_batches
+from nanoalign.data import (holdout_and_mix, packed_preference_batch, preference_batch, preference_examples,
+                            read_records, shard, step_batches)
 from nanoalign.errors import InputError
 from nanoalign.lora import adapters_disabled, add_lora, describe, load_adapter, load_merged, save_adapter
 from nanoalign.losses import dpo_loss, dpo_metrics, sequence_logps
 from nanoalign.model import load_model, resolve_model_dir, save_model
-from nanoalign.train import (DTYPES, DivergenceGuard, MetricsLog, Progress, all_reduce_sum, autocast,
+from nanoalign.report import REPORT_TO, open_tracker, write_model_card
+from nanoalign.train import (DTYPES, DivergenceGuard, MetricsLog, Progress, all_reduce_sum, autocast, beta_at,
                              check_finite_weights, choose_precision, cleanup_distributed, load_train_state, lr_at,
-                             make_optimizer, make_scaler, maybe_no_sync, one_line_errors, optimizer_step, print0,
-                             resolve_resume, save_train_state, set_lr, setup_distributed, wrap_ddp)
+                             make_optimizer, make_scaler, maybe_no_sync, one_line_errors, optimizer_step, print0, rate,
+                             resolve_resume, save_train_state, set_lr, setup_distributed, track, wrap_ddp)
 
 
 def number_list(text):  # argparse names the flag and this function in its error: "invalid number_list value"
@@ -54,8 +56,11 @@ parser.add_argument("--max-prompt-len", type=int, default=None,
                     help="prompts keep their last this-many tokens (default: half of --max-len)")
 parser.add_argument("--eval-frac", type=float, default=0.02)
 parser.add_argument("--beta", type=float, default=0.1)
+parser.add_argument("--beta-warmup-steps", type=int, default=0, help="ramp beta linearly from beta/N to beta over the first N steps")
 parser.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid")
 parser.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO (sigmoid only)")
+parser.add_argument("--margin-clamp", type=float, default=0.0,
+                    help="clamp the DPO margin (log-ratio difference, before beta) to [-C, C]; 0 = off")
 parser.add_argument("--sft-weight", type=float, default=0.0, help="add this x NLL of the chosen responses (keeps chosen log-probs up)")
 parser.add_argument("--ref", default=None, help="a separate reference model (default: --model + --adapter, new adapter off)")
 parser.add_argument("--precompute-ref", action="store_true",
@@ -71,7 +76,10 @@ parser.add_argument("--epochs", type=float, default=1.0)
 parser.add_argument("--max-steps", type=int, default=0)
 parser.add_argument("--lr", type=float, default=5e-5)
 parser.add_argument("--min-lr-ratio", type=float, default=0.0)
-parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+parser.add_argument("--schedule", choices=["cosine", "linear", "constant", "step"], default="cosine",
+                    help="step: lr x --lr-step-gamma every --lr-step-every epochs (StepLR)")
+parser.add_argument("--lr-step-every", type=float, default=0.2, help="--schedule step: epochs between lr drops")
+parser.add_argument("--lr-step-gamma", type=float, default=0.5, help="--schedule step: lr factor at each drop")
 parser.add_argument("--warmup-steps", type=int, default=0)
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--clip", type=float, default=1.0)
@@ -84,11 +92,16 @@ parser.add_argument("--base-dtype", choices=["auto", "fp32", "bf16"], default="a
                     help="dtype of the frozen base (auto: bf16 under bf16 autocast; adapters always train in fp32)")
 parser.add_argument("--grad-ckpt", action="store_true")
 parser.add_argument("--compile", action="store_true")
+parser.add_argument("--pack", action="store_true",
+                    help="pack the chosen and rejected sequences of a micro-batch into rows of --max-len (each "
+                         "attending only to itself): no padding but each row's end, the same log-probs")
 parser.add_argument("--chunk-size", type=int, default=1024)
 parser.add_argument("--eval-every", type=int, default=100)
 parser.add_argument("--save-every", type=int, default=500)
 parser.add_argument("--resume", default=None, help="a ckpt-<step> dir, or `auto`")
 parser.add_argument("--merge", action="store_true", help="also write <out>/merged, an HF model dir with adapters folded in")
+parser.add_argument("--report-to", choices=REPORT_TO, default="none",
+                    help="also send metrics to TensorBoard (<out>/tensorboard) or W&B; metrics.jsonl is always written")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
@@ -107,6 +120,7 @@ if args.label_smoothing and args.loss_type != "sigmoid":
 # -----------------------------------------------------------------------------
 
 d = setup_distributed(args.device)
+tracker = open_tracker(args.report_to, args.out, vars(args), d.is_main)
 args.precision = choose_precision(args.precision, d.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
@@ -117,12 +131,15 @@ chat = load_chat(tokenizer_dir)  # the default system prompt is the one of the d
 # data: every source rendered and truncated the same way, then mixed, split, and cut into world-invariant steps
 sources = []
 for source in args.data:
-    examples, stats = preference_examples(read_records(source, args.data_split, args.data_config), chat,
-                                          args.max_len, args.max_prompt_len)
+    records = track(read_records(source, args.data_split, args.data_config), "tokenise", d.is_main)
+    examples, stats = preference_examples(records, chat, args.max_len, args.max_prompt_len)
     print0(f"{source}: {stats}")
     sources.append(examples)
+weights = args.data_weights or [1.0] * len(sources)
+data_rows = [(source + (f" (weight {w:g})" if w != 1 else ""), len(examples))  # pairs kept, for the model card
+             for source, w, examples in zip(args.data, weights, sources)]
 # held out per source before mixing, so an upsampled source's eval pairs have no copies in train
-train_set, eval_pairs = holdout_and_mix(sources, args.data_weights or [1.0] * len(sources), args.eval_frac, args.seed)
+train_set, eval_pairs = holdout_and_mix(sources, weights, args.eval_frac, args.seed)
 eval_set = shard(eval_pairs, d.rank, d.world)  # uneven shares: the eval covers every held-out pair
 global_pairs = args.batch_size * args.grad_accum * d.world
 steps_per_epoch = len(train_set) // global_pairs
@@ -153,17 +170,35 @@ lm_head = model.lm_head.weight
 
 
 @torch.no_grad()
-def reference_logps(ids, mask):
+def batch_tensors(batch):
+    """(ids, mask, packing) of a list of pairs on the device: preference_batch's padded [2b, t] rows, or with
+    --pack the 2b sequences packed into rows (packing = (document_ids, sequence_ids), else None)."""
+    if args.pack:
+        ids, mask, docs, seqs = (t.to(d.device) for t in packed_preference_batch(batch, args.max_len, chat.pad_id))
+        return ids, mask, (docs, seqs)
+    ids, mask = (t.to(d.device) for t in preference_batch(batch, chat.pad_id))
+    return ids, mask, None
+
+
+def batch_logps(forward, weight, ids, mask, packing):
+    """Summed response log-probs of the 2b sequences (chosen rows, then rejected rows): [2b]."""
+    if packing is None:
+        return sequence_logps(forward(ids, return_hidden=True), weight, ids, mask, args.chunk_size)
+    docs, seqs = packing
+    return sequence_logps(forward(ids, return_hidden=True, document_ids=docs), weight, ids, mask, args.chunk_size,
+                          sequence_ids=seqs, num_sequences=int(seqs.max()) + 1)
+
+
+def reference_logps(ids, mask, packing=None):
     """Summed response log-probs under the reference: eval mode, no grad, new adapter off (PITFALLS #4, #9)."""
     was_training = model.training
     model.eval()
     with autocast(d.device, args.precision):
         if ref_model is not None:
-            out_logps = sequence_logps(ref_model(ids, return_hidden=True), ref_model.lm_head.weight, ids, mask,
-                                       args.chunk_size)
+            out_logps = batch_logps(ref_model, ref_model.lm_head.weight, ids, mask, packing)
         else:
             with adapters_disabled(model, ["default"]):
-                out_logps = sequence_logps(model(ids, return_hidden=True), lm_head, ids, mask, args.chunk_size)
+                out_logps = batch_logps(model, lm_head, ids, mask, packing)
     model.train(was_training)
     return out_logps.float()
 
@@ -217,15 +252,14 @@ def precompute_reference(examples, path, save_every_s=600):
 
     mine, fresh, tokens, t0, saved = todo[d.rank::d.world], {}, 0, time.time(), time.time()
     out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(len(mine), "reference pairs", d.is_main)
+    progress = Progress(len(mine), "reference", d.is_main, unit="pairs")
     for i in range(0, len(mine), args.batch_size * 2):
         batch = mine[i:i + args.batch_size * 2]
-        ids, mask = (t.to(d.device) for t in preference_batch(batch, chat.pad_id))
-        ref = reference_logps(ids, mask).tolist()  # [2b]: chosen rows, then rejected rows
+        ref = reference_logps(*batch_tensors(batch)).tolist()  # [2b]: chosen rows, then rejected rows
         for j, ex in enumerate(batch):
             fresh[pair_key(ex)] = (ref[j], ref[len(batch) + j])
         tokens += sum(len(ex["prompt"]) * 2 + len(ex["chosen"]) + len(ex["rejected"]) for ex in batch)
-        progress.update(len(batch), tok_s=round(tokens / (time.time() - t0)))
+        progress.update(len(batch), rate(tokens, time.time() - t0, "tok"))
         if d.is_main and time.time() - saved > save_every_s:
             save({**logps, **fresh})
             saved = time.time()
@@ -247,16 +281,16 @@ def precompute_reference(examples, path, save_every_s=600):
 METRICS = list(dpo_metrics(*torch.zeros(5, 1)))  # the logged names, in order
 
 
-def dpo_forward(forward, ids, mask, batch):
-    """One forward for chosen and rejected together ([2b, t]), then the DPO loss per pair."""
-    b = ids.shape[0] // 2
-    policy = sequence_logps(forward(ids, return_hidden=True), lm_head, ids, mask, args.chunk_size)  # [2b]
+def dpo_forward(forward, ids, mask, batch, beta, packing=None):
+    """One forward for chosen and rejected together ([2b, t], or packed rows), then the DPO loss per pair."""
+    b = len(batch)
+    policy = batch_logps(forward, lm_head, ids, mask, packing)  # [2b]
     if ref_cache is not None:
         ref = torch.tensor([ref_cache[pair_key(ex)] for ex in batch], device=ids.device).T.reshape(-1)
     else:
-        ref = reference_logps(ids, mask)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], args.beta,
-                                                        args.loss_type, args.label_smoothing)
+        ref = reference_logps(ids, mask, packing)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta,
+                                                        args.loss_type, args.label_smoothing, args.margin_clamp)
     return policy, losses, chosen_rewards, rejected_rewards
 
 
@@ -274,15 +308,15 @@ ddp_model = wrap_ddp(torch.compile(model) if args.compile else model, d)
 
 
 @torch.no_grad()
-def evaluate():
+def evaluate(beta):
     """Mean metrics over every held-out pair: per-rank sums (a rank may have no pairs) over the global count."""
     model.eval()
     sums = torch.zeros(len(METRICS), dtype=torch.float64, device=d.device)
     for i in range(0, len(eval_set), args.batch_size):
         batch = eval_set[i:i + args.batch_size]
-        ids, mask = (t.to(d.device) for t in preference_batch(batch, chat.pad_id))
+        ids, mask, packing = batch_tensors(batch)
         with autocast(d.device, args.precision):
-            policy, losses, cr, rr = dpo_forward(model, ids, mask, batch)
+            policy, losses, cr, rr = dpo_forward(model, ids, mask, batch, beta, packing)
         m = dpo_metrics(losses, cr, rr, policy[:len(batch)], policy[len(batch):])
         sums += torch.stack([v.double() for v in m.values()]) * len(batch)
     model.train()
@@ -291,12 +325,23 @@ def evaluate():
     return {f"eval_{k}": v / len(eval_pairs) for k, v in zip(METRICS, sums.tolist())}
 
 
+def card(path, adapter):
+    """The model card of final/ (the new adapter) or merged/ (every adapter folded into the base)."""
+    below = "".join(f" + {a}" for a in args.adapter)
+    write_model_card(path, title=f"{out.name}: LoRA DPO of {args.model}{below}", base=args.model, args=vars(args),
+                     data=[*data_rows, ("(mixed training pairs)", len(train_set)),
+                           ("(held out for eval)", len(eval_pairs))],
+                     metrics=final_metrics, world=d.world, steps=step, adapter=adapter, tags=["dpo", "lora"])
+
+
 def save(name, final=False):
     check_finite_weights(model, step)
     ckpt = out / name
     if d.is_main:
         save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
         (ckpt / "nanoalign_stack.json").write_text(json.dumps({"base": args.model, "below": args.adapter}, indent=2))
+        if final:
+            card(ckpt, adapter=True)
     if not final:
         save_train_state(ckpt, optimizer, scaler, step, args=vars(args))
     if d.world > 1:
@@ -305,6 +350,7 @@ def save(name, final=False):
 
 
 metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
+final_metrics = {}  # the last value of every metric, eval included
 guard = DivergenceGuard(args.max_bad_steps)
 progress = Progress(total_steps, "dpo", d.is_main, start=step)
 steps = step_batches([pair_length(ex) for ex in train_set], args.batch_size, args.grad_accum, d.rank, d.world,
@@ -312,16 +358,19 @@ steps = step_batches([pair_length(ex) for ex in train_set], args.batch_size, arg
 while step < total_steps:
     t0 = time.time()
     micro = next(steps)
-    lr = lr_at(step, total_steps, args.lr, args.warmup_steps, args.schedule, args.min_lr_ratio)
+    lr = lr_at(step, total_steps, args.lr, args.warmup_steps, args.schedule, args.min_lr_ratio,
+               max(1, round(args.lr_step_every * steps_per_epoch)), args.lr_step_gamma)
     set_lr(optimizer, lr)
+    beta = beta_at(step, args.beta, args.beta_warmup_steps)
     if args.sft_weight:  # the SFT term is a mean over every chosen token of the global batch
         chosen_tokens = all_reduce_sum(sum(len(train_set[i]["chosen"]) for mb in micro for i in mb), d.device)
-    sums = None
+    sums, tokens = None, 0
     for i, idx in enumerate(micro):
         batch = [train_set[j] for j in idx]
-        ids, mask = (t.to(d.device) for t in preference_batch(batch, chat.pad_id))
+        ids, mask, packing = batch_tensors(batch)
+        tokens += ids.numel()
         with maybe_no_sync(ddp_model, sync=i == len(micro) - 1), autocast(d.device, args.precision):
-            policy, losses, cr, rr = dpo_forward(ddp_model, ids, mask, batch)
+            policy, losses, cr, rr = dpo_forward(ddp_model, ids, mask, batch, beta, packing)
             # mean over the pairs of the global batch; x world undoes DDP's gradient averaging
             loss = losses.sum() / global_pairs * d.world
             if args.sft_weight:
@@ -335,17 +384,21 @@ while step < total_steps:
     means = {k: v / global_pairs for k, v in zip(METRICS, sums.tolist())}
     grad_norm, bad = optimizer_step(model, optimizer, scaler, args.clip, means["loss"])
     step += 1
-    row = dict(step=step, lr=lr, grad_norm=grad_norm, **means, pairs_per_s=global_pairs / (time.time() - t0),
-               **({"skipped": True} if bad else {}))
+    dt, tokens = time.time() - t0, all_reduce_sum(tokens, d.device)  # positions computed, pads included
+    row = dict(step=step, lr=lr, beta=beta, grad_norm=grad_norm, **means, pairs_per_s=global_pairs / dt,
+               tokens_per_s=tokens / dt, **({"skipped": True} if bad else {}))
     if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_pairs:
-        row.update(evaluate())
+        row.update(evaluate(beta))
     metrics.log(**row)
+    tracker.log(step, row)
+    final_metrics.update(row)
     guard.update(step, bad, row["loss"], grad_norm)
-    progress.update(loss=row["loss"], acc=row["reward_acc"], margin=row["reward_margin"],
-                    **({"eval_acc": row["eval_reward_acc"]} if "eval_reward_acc" in row else {}))
+    progress.update(1, rate(tokens, dt, "tok"), loss=row["loss"], lr=f"{lr:.2e}", acc=row["reward_acc"],
+                    margin=row["reward_margin"], **({"eval_acc": row["eval_reward_acc"]} if "eval_reward_acc" in row else {}))
     if args.save_every and step % args.save_every == 0 and step < total_steps:
         save(f"ckpt-{step}")
 progress.close()
+tracker.close(final_metrics)
 if args.save_every:
     save(f"ckpt-{step}")
 save("final", final=True)
@@ -353,5 +406,6 @@ if args.merge and d.is_main:
     # merged in fp32 from the saved files (the live base may be bf16), written in the base checkpoint's dtype
     merged = load_merged(model_dir, [*args.adapter, out / "final"], dtype=torch.float32)
     save_model(merged, out / "merged", tokenizer_from=tokenizer_dir, dtype=getattr(torch, model.config.torch_dtype))
+    card(out / "merged", adapter=False)
     print0(f"saved {out / 'merged'} (every adapter folded in)")
 cleanup_distributed()

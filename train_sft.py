@@ -24,9 +24,10 @@ from nanoalign.errors import InputError
 from nanoalign.losses import masked_logps, sft_loss
 from nanoalign.tokenized import sft_dataset
 from nanoalign.model import PACKED_ATTENTION, CausalLM, load_model, resolve_model_dir, save_model
+from nanoalign.report import REPORT_TO, open_tracker, write_model_card
 from nanoalign.train import (DivergenceGuard, MetricsLog, Progress, all_reduce_sum, autocast, check_finite_weights,
                              choose_precision, cleanup_distributed, full_state_dict, load_train_state, lr_at,
-                             make_optimizer, make_scaler, maybe_no_sync, one_line_errors, optimizer_step, print0,
+                             make_optimizer, make_scaler, maybe_no_sync, one_line_errors, optimizer_step, print0, rate,
                              require_torch, resolve_resume, save_train_state, set_lr, setup_distributed, wrap_ddp,
                              wrap_fsdp)
 
@@ -79,6 +80,8 @@ parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_
 parser.add_argument("--eval-every", type=int, default=100, help="steps between eval losses (0 = only at the end)")
 parser.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0 = only final)")
 parser.add_argument("--resume", default=None, help="a ckpt-<step> dir, or `auto` for the newest in --out")
+parser.add_argument("--report-to", choices=REPORT_TO, default="none",
+                    help="also send metrics to TensorBoard (<out>/tensorboard) or W&B; metrics.jsonl is always written")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 args = parser.parse_args()
@@ -98,6 +101,7 @@ if args.pack and args.pack_attn != "sdpa" and not cuda:
 # -----------------------------------------------------------------------------
 
 d = setup_distributed(args.device)
+tracker = open_tracker(args.report_to, args.out, vars(args), d.is_main)
 args.precision = choose_precision(args.precision, d.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
@@ -197,6 +201,10 @@ def save(name, final=False):
             save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
         else:
             save_model(model, ckpt, tokenizer_from=tokenizer_dir)
+        if final:
+            write_model_card(ckpt, title=f"{out.name}: SFT of {args.model}", base=args.model, args=vars(args),
+                             data=[(args.data, len(train_set)), ("(held out for eval loss)", len(eval_set) * d.world)],
+                             metrics=final_metrics, world=d.world, steps=step, adapter=args.lora, tags=["sft"])
     if not final:
         save_train_state(ckpt, optimizer, scaler, step, args=vars(args))
     if d.world > 1:
@@ -215,6 +223,7 @@ def unsharded_copy(state):
 
 
 metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
+final_metrics = {}  # the last value of every metric, eval included
 guard = DivergenceGuard(args.max_bad_steps)
 progress = Progress(total_steps, "sft", d.is_main, start=step)
 steps = step_micro_batches(start_step=step)
@@ -243,12 +252,15 @@ while step < total_steps:
     if (args.eval_every and step % args.eval_every == 0 or step == total_steps) and eval_idx:
         row["eval_loss"] = evaluate()
     metrics.log(**row)
+    tracker.log(step, row)
+    final_metrics.update(row)
     guard.update(step, bad, loss_value, grad_norm)
-    progress.update(loss=loss_value, **({"eval": row["eval_loss"]} if "eval_loss" in row else {}),
-                    tok_s=f"{tokens / dt / 1000:.1f}k")
+    progress.update(1, rate(tokens, dt, "tok"), loss=loss_value, lr=f"{lr:.2e}",
+                    **({"eval": row["eval_loss"]} if "eval_loss" in row else {}))
     if args.save_every and step % args.save_every == 0 and step < total_steps:
         save(f"ckpt-{step}")
 progress.close()
+tracker.close(final_metrics)
 if args.save_every:
     save(f"ckpt-{step}")
 save("final", final=True)

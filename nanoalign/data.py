@@ -576,6 +576,25 @@ def packed_batch(examples, rows, pack_len, pad_id):
     return ids, mask, docs
 
 
+def packed_preference_batch(examples, pack_len, pad_id):
+    """Chosen and rejected of b pairs as 2b sequences packed into rows of pack_len (pack, packed_batch): padding
+    only at each row's end. Sequence j < b is pair j's prompt + chosen, b + j its prompt + rejected (the rows of
+    preference_batch).
+
+    Returns:
+        input_ids, loss_mask (1 on response tokens), document_ids [rows, pack_len] as packed_batch's, and
+        sequence_ids [rows, pack_len]: the sequence of each position, -1 on pads.
+    """
+    seqs = [{"ids": ex["prompt"] + ex[field], "mask": [0] * len(ex["prompt"]) + [1] * len(ex[field])}
+            for field in ("chosen", "rejected") for ex in examples]
+    rows = pack([len(s["ids"]) for s in seqs], pack_len, seed=0)
+    ids, mask, docs = packed_batch(seqs, rows, pack_len, pad_id)
+    table = torch.full((len(rows), max(map(len, rows)) + 1), -1, dtype=torch.long)  # [rows, docs + pad tail]
+    for r, row in enumerate(rows):
+        table[r, :len(row)] = torch.tensor(row)
+    return ids, mask, docs, table.gather(1, docs)
+
+
 def preference_batch(examples, pad_id):
     """Chosen and rejected of b pairs in one batch, for one forward (one DDP forward per micro-step).
 

@@ -15,9 +15,10 @@ would run them:
     eval_winrate.py   DPO vs SFT and round 2 vs DPO on 1,000 held-out prompts (greedy)
 
 The margins are wide on purpose, so that the conclusions do not hang on one lucky seed or on float differences
-between CPUs (README lists three --seed values and two --threads counts, which change the summation order).
+between CPUs (README lists three --seed values; --threads changes the scripts' summation order).
 
-It prints a table of win rates and mean rewards and writes <out>/results.json and <out>/curves.png.
+It prints a table of win rates and mean rewards and writes <out>/results.json, and with matplotlib
+<out>/curves.png and <out>/winrates.png.
 """
 import argparse
 import json
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from nanoalign import toy
 from nanoalign.chat import load_chat
-from nanoalign.jsonl import read_jsonl, write_jsonl
+from nanoalign.jsonl import write_jsonl
 from nanoalign.model import CausalLM, ModelConfig, save_model
 
 ROOT = Path(__file__).resolve().parent.parent  # the scripts live beside the package (pip install -e .)
@@ -140,26 +141,21 @@ def main(argv=None):
     synth_summary = json.loads((synth / "summary.json").read_text())
     print(f"synthetic: {synth_summary['pairs']} pairs from {synth_summary['prompts']} prompts "
           f"(mean sample reward {synth_summary['mean_score']:.3f})")
-    write_curves(out)
     (out / "results.json").write_text(json.dumps(dict(evals=results, synthetic=synth_summary,
                                                       seconds=round(time.time() - t0, 1)), indent=2) + "\n")
-    print(f"done in {time.time() - t0:.0f}s: {out / 'results.json'}, {out / 'curves.png'}, {out}/*/metrics.jsonl")
+    figures = write_figures(out, results)
+    print(f"done in {time.time() - t0:.0f}s: {out / 'results.json'}, {figures}{out}/*/metrics.jsonl")
 
 
-def write_curves(out: Path):
-    """Training curves of the three runs as one PNG."""
-    from nanoalign.plot import plot_curves
-
-    def series(run_dir, key):
-        rows = [r for r in read_jsonl(out / run_dir / "metrics.jsonl") if key in r]
-        return [r["step"] for r in rows], [r[key] for r in rows]
-
-    plot_curves(out / "curves.png", [
-        {"title": "SFT loss", "series": {"train": series("sft", "loss"), "eval": series("sft", "eval_loss")}},
-        {"title": "DPO loss", "series": {"round 1": series("dpo", "loss"), "round 2": series("dpo2", "loss")}},
-        {"title": "DPO reward accuracy", "series": {"round 1": series("dpo", "reward_acc"),
-                                                    "round 2": series("dpo2", "reward_acc")}},
-    ])
+def write_figures(out: Path, results):
+    """curves.png (SFT and both DPO rounds) and winrates.png; without matplotlib, say how to get them and go on."""
+    try:
+        from nanoalign.plot import plot_runs, plot_winrates
+        curves = plot_runs([out / "sft", out / "dpo", out / "dpo2"], out / "curves.png", ["sft", "dpo", "round 2"])
+        return f"{curves}, {plot_winrates(results, out / 'winrates.png')}, "
+    except ImportError as e:
+        print(f"no figures: {e}; then: python -m nanoalign.plot {out}/sft {out}/dpo {out}/dpo2")
+        return ""
 
 
 if __name__ == "__main__":

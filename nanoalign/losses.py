@@ -210,18 +210,22 @@ def sft_loss(hidden, weight, input_ids, loss_mask, num_tokens=None, chunk_size=1
     return -token_logp_sum(h, weight, targets, chunk_size) / num_tokens
 
 
-def sequence_logps(hidden, weight, input_ids, loss_mask, chunk_size=1024):
+def sequence_logps(hidden, weight, input_ids, loss_mask, chunk_size=1024, sequence_ids=None, num_sequences=None):
     """Summed log-prob of the trained (response) tokens of each sequence: [b] float32.
 
     The one log-prob function for the DPO policy and reference passes, reference precompute and reward checks.
-    A row with no trained token gets 0.
+    A row with no trained token gets 0. Packed rows (several sequences a row) pass sequence_ids [b, t] (the
+    sequence each position belongs to) and num_sequences; the result is then [num_sequences].
     """
     logps, rows = masked_logps(hidden, weight, input_ids, loss_mask, chunk_size)
-    return logps.new_zeros(input_ids.shape[0]).index_add(0, rows, logps)
+    if sequence_ids is None:
+        return logps.new_zeros(input_ids.shape[0]).index_add(0, rows, logps)
+    seq = sequence_ids[:, 1:][loss_mask[:, 1:].bool()]  # [n], in masked_logps' (row-major) order
+    return logps.new_zeros(num_sequences).index_add(0, seq, logps)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
-             loss_type="sigmoid", label_smoothing=0.0):
+             loss_type="sigmoid", label_smoothing=0.0, margin_clamp=0.0):
     """Preference loss on summed sequence log-probs, all [b].
 
     With logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected):
@@ -229,6 +233,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
                (cDPO, Mitchell 2023, "A note on DPO with noisy preferences"): assumes labels flipped w.p. ls
       ipo      IPO, Azar et al. 2023 (arXiv:2310.12036), eq. 17: (logits - 1 / (2 beta))^2
       hinge    SLiC-HF, Zhao et al. 2023 (arXiv:2305.10425): relu(1 - beta * logits)
+    margin_clamp > 0 clamps logits (the margin, before beta) to [-margin_clamp, margin_clamp]: a pair already
+    that far apart stops pulling (its gradient is 0), which keeps a few easy pairs from running away.
 
     Returns:
         losses [b]; chosen_rewards, rejected_rewards [b] = beta * (policy - ref), detached.
@@ -236,6 +242,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         ValueError: unknown loss_type, or label_smoothing with a loss other than sigmoid.
     """
     logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if margin_clamp > 0:
+        logits = logits.clamp(-margin_clamp, margin_clamp)
     if loss_type != "sigmoid" and label_smoothing != 0.0:
         raise InputError(f"--label-smoothing is only defined for loss_type='sigmoid', got {loss_type!r}")
     if loss_type == "sigmoid":

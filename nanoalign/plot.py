@@ -1,201 +1,137 @@
-"""Training curves as PNG line plots with nothing but numpy, zlib and struct (no matplotlib, no PIL).
+"""Training curves and win rates as PNG figures, with matplotlib (an optional extra: pip install nanoalign[plot]).
 
-    plot_curves("runs/demo/curves.png", [
-        {"title": "loss", "series": {"train": (steps, losses), "eval": (eval_steps, eval_losses)}},
-        {"title": "reward accuracy", "series": {"train": (steps, accs)}, "ylabel": "acc"},
-    ])
+    python -m nanoalign.plot runs/sft runs/dpo runs/dpo2 --out curves.png    # any runs' metrics.jsonl, side by side
+    python -m nanoalign.plot runs/dpo runs/dpo2 --winrates runs/eval_*        # plus a win-rate figure from summaries
 
-Panels sit side by side (a 2-column grid past 3 panels). Each gets a title, a legend row, round-numbered y ticks,
-step ticks on x, and 2 px lines in distinct colors; NaN / None points are skipped, so series may have different
-x ranges (eval every k steps). Text is a 5x7 bitmap font drawn at 2x; lowercase is drawn as uppercase.
+One panel per metric group a run logged (loss, reward accuracy, reward margin, chosen/rejected log-probs); each
+run is one colour, eval curves dashed (rejected log-probs dotted). Falling chosen log-probs (PITFALLS #8) show up
+in the last panel.
 """
+import argparse
+import json
 import math
-import struct
-import zlib
+from pathlib import Path
 
-import numpy as np
-
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-          (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # matplotlib's tab10
-WHITE, INK, GRID = (255, 255, 255), (40, 40, 40), (228, 228, 228)
-SCALE = 2  # text is drawn at 2x: 10x14 px glyphs, 12 px advance
-LINE_W = 2
-MARKERS_UP_TO = 30  # series with at most this many points also get a 5x5 marker per point
-
-# 5x7 glyphs: "char hex", 7 rows of 5 bits each (most significant bit = left column). Others draw as blank.
-_FONT_SRC = """
-0 0E11131519110E  1 040C040404040E  2 0E11010204081F  3 1F02040201110E  4 02060A121F0202  5 1F101E0101110E
-6 0608101E11110E  7 1F010204080808  8 0E11110E11110E  9 0E11110F01020C  A 0E1111111F1111  B 1E11111E11111E
-C 0E11101010110E  D 1C12111111121C  E 1F10101E10101F  F 1F10101E101010  G 0E11101711110F  H 1111111F111111
-I 0E04040404040E  J 0702020202120C  K 11121418141211  L 1010101010101F  M 111B1515111111  N 11111915131111
-O 0E11111111110E  P 1E11111E101010  Q 0E11111115120D  R 1E11111E141211  S 0F10100E01011E  T 1F040404040404
-U 1111111111110E  V 11111111110A04  W 1111111515150A  X 11110A040A1111  Y 1111110A040404  Z 1F01020408101F
-. 00000000000C0C  - 0000001F000000  _ 0000000000001F  : 000C0C000C0C00  / 00010204081000  ( 02040808080402
-) 08040202020408  % 18190204081303  + 0004041F040400  , 00000000000C08  = 00001F001F0000  # 0A0A1F0A1F0A0A
-"""
-_TOK = _FONT_SRC.split()
-FONT = {c: [int(h[i:i + 2], 16) for i in range(0, 14, 2)] for c, h in zip(_TOK[::2], _TOK[1::2])}
+# (panel title, [(metric key, line style, legend suffix)]): a panel is drawn when any run has one of its keys
+PANELS = [
+    ("loss", [("loss", "-", ""), ("eval_loss", "--", " eval")]),
+    ("reward accuracy", [("reward_acc", "-", ""), ("eval_reward_acc", "--", " eval")]),
+    ("reward margin", [("reward_margin", "-", ""), ("eval_reward_margin", "--", " eval")]),
+    ("log-probs: chosen (solid), rejected (dotted)", [("chosen_logps", "-", " chosen"),
+                                                      ("rejected_logps", ":", " rejected")]),
+]
+INSTALL_HINT = "matplotlib is not installed: pip install 'nanoalign[plot]' (or pip install matplotlib)"
 
 
-def text_mask(s, scale=SCALE):
-    """Boolean bitmap of string s: 7*scale rows, 6*scale px per character (1 px gap between glyphs)."""
-    bits = np.zeros((7, max(6 * len(s) - 1, 0)), bool)
-    for i, ch in enumerate(s.upper()):
-        for r, row in enumerate(FONT.get(ch, [0] * 7)):
-            bits[r, 6 * i:6 * i + 5] = [(row >> (4 - k)) & 1 for k in range(5)]
-    return np.kron(bits, np.ones((scale, scale), bool)).astype(bool)
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed).
+
+    Raises:
+        ImportError: matplotlib is missing (the message says how to install it).
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
-def _paste(img, mask, x, y, color):
-    """Paint the True pixels of mask with its top-left corner at (x, y), clipped to the image."""
-    (h, w), (H, W) = mask.shape, img.shape[:2]
-    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
-    if x1 > x0 and y1 > y0:
-        img[y0:y1, x0:x1][mask[y0 - y:y1 - y, x0 - x:x1 - x]] = color
+def read_metrics(run_dir):
+    """The rows of <run_dir>/metrics.jsonl (a run dir or the file itself)."""
+    path = Path(run_dir)
+    path = path if path.suffix == ".jsonl" else path / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a training run's --out?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _dots(img, xs, ys, color, size):
-    """Stamp a size x size square of color at each (x, y), clipped to the image."""
-    off = np.arange(size) - (size - 1) // 2
-    X, Y = np.broadcast_arrays(np.rint(xs).astype(int)[:, None, None] + off[None, None, :],
-                               np.rint(ys).astype(int)[:, None, None] + off[None, :, None])
-    keep = (X >= 0) & (X < img.shape[1]) & (Y >= 0) & (Y < img.shape[0])
-    img[Y[keep], X[keep]] = color
+def plot_runs(run_dirs, path, labels=None, dpi=100):
+    """Training curves of the runs side by side, one panel per metric group any of them logged; returns path."""
+    plt = pyplot()
+    runs = [(label, read_metrics(d)) for label, d in zip(labels or [Path(d).name for d in run_dirs], run_dirs)]
+    # SFT losses (~1-3 nats) and DPO losses (ln 2 and below) get a panel each, so neither is squashed flat
+    kinds = {label: "DPO" if any("reward_acc" in r for r in rows) else "SFT" for label, rows in runs}
+    panels = [(f"{kind} {title}", lines, [run for run in runs if kinds[run[0]] == kind])
+              for title, lines in PANELS[:1] for kind in ("SFT", "DPO")]
+    panels += [(title, lines, runs) for title, lines in PANELS[1:]]
+    panels = [p for p in panels if any(k in row for _, rows in p[2] for row in rows for k, _, _ in p[1])]
+    cols = min(len(panels), 3) or 1
+    rows = math.ceil(len(panels) / cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    colour = {label: f"C{i}" for i, (label, _) in enumerate(runs)}
+    for ax, (title, lines, panel_runs) in zip(axes.flat, panels):
+        for label, metrics in panel_runs:
+            for key, style, suffix in lines:
+                points = [(r["step"], r[key]) for r in metrics if key in r and r[key] is not None]
+                if points:
+                    ax.plot(*zip(*points), style, color=colour[label], label=label + suffix,
+                            marker="o" if len(points) < 20 else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
 
 
-def _polyline(img, px, py, color, width=LINE_W):
-    """Draw connected segments through the points (px, py) by dense sampling (at least 2 samples per pixel)."""
-    if len(px) < 2:
-        return _dots(img, px, py, color, width)
-    dx, dy = np.diff(px), np.diff(py)
-    n = (np.maximum(np.abs(dx), np.abs(dy)) * 2).astype(int) + 1  # samples per segment
-    seg = np.repeat(np.arange(len(dx)), n)
-    t = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)) / np.repeat(n, n)
-    _dots(img, np.append(px[seg] + t * dx[seg], px[-1]), np.append(py[seg] + t * dy[seg], py[-1]), color, width)
+def plot_winrates(summaries, path, dpi=100):
+    """Win rates with their 95% intervals as a horizontal error-bar chart, 0.5 marked; returns path.
+
+    Args:
+        summaries: {name: eval_winrate.py's summary.json dict (win_rate, ci95, wins, losses, ties)}.
+    """
+    plt = pyplot()
+    names = list(summaries)
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.4))
+    for y, name in enumerate(names):
+        s = summaries[name]
+        low, high = s["ci95"]
+        ax.errorbar(s["win_rate"], y, xerr=[[s["win_rate"] - low], [high - s["win_rate"]]], fmt="o", capsize=4,
+                    color=f"C{y}")
+        ax.annotate(f"{s['win_rate']:.3f} [{low:.3f}, {high:.3f}]  {s['wins']}W/{s['losses']}L/{s['ties']}T",
+                    (s["win_rate"], y), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+    ax.axvline(0.5, color="gray", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_ylim(-0.6, len(names) - 0.2)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("win rate (ties excluded), 95% Wilson interval")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
 
 
-def nice_ticks(lo, hi, n=5, integer=False):
-    """About n round-numbered ticks (1, 2, 2.5 or 5 x 10^k apart; whole if integer) inside [lo, hi], and the step."""
-    raw = max((hi - lo) / max(n - 1, 1), 1e-12)
-    mag = 10.0 ** math.floor(math.log10(raw))
-    steps = [m * mag for m in (1, 2, 2.5, 5, 10) if not integer or (m * mag >= 1 and float(m * mag).is_integer())]
-    step = min(steps or [1.0], key=lambda s: abs((hi - lo) / s - (n - 1)))  # the count closest to n
-    ticks = np.arange(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1) * step
-    return ticks, step
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="training run dirs (each with a metrics.jsonl)")
+    parser.add_argument("--labels", default=None, help="comma-separated legend names (default: the dir names)")
+    parser.add_argument("--out", default="curves.png", help="PNG of the training curves")
+    parser.add_argument("--winrates", nargs="*", default=[], help="eval_winrate.py --out dirs (their summary.json)")
+    parser.add_argument("--winrates-out", default="winrates.png")
+    parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (a 5 x 3.4 in panel is 500 x 340 at 100)")
+    args = parser.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else None
+    if labels and len(labels) != len(args.runs):
+        parser.error(f"--labels has {len(labels)} names for {len(args.runs)} runs")
+    try:
+        print(plot_runs(args.runs, args.out, labels, args.dpi))
+        if args.winrates:
+            summaries = {}
+            for d in args.winrates:
+                s = json.loads((Path(d) / "summary.json").read_text())
+                summaries[f"{s['name_a']} vs {s['name_b']}"] = s
+            print(plot_winrates(summaries, args.winrates_out, args.dpi))
+    except (ImportError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
 
 
-def fmt_tick(v, step):
-    """Tick label with just enough decimals for step; 5000 -> 5K when step is a multiple of 1000."""
-    if abs(v) < abs(step) * 1e-6:
-        v = 0.0
-    if abs(v) >= 1000 and step % 1000 == 0:
-        return f"{v / 1000:g}K"
-    if abs(step) < 1e-4 or abs(v) >= 1e7:
-        return f"{v:.2g}".replace("e-0", "e-").replace("e+0", "e+")
-    d = next(d for d in range(8) if abs(round(step, d) - step) <= 1e-9 * abs(step))
-    return f"{v:.{d}f}"
-
-
-def _limits(vals, pad_frac):
-    """(lo, hi) of the finite values, widened by pad_frac of the span; a flat or empty range gets some room."""
-    if len(vals) == 0:
-        return 0.0, 1.0
-    lo, hi = float(vals.min()), float(vals.max())
-    if hi == lo:
-        return lo - max(abs(lo) * 0.1, 1.0), hi + max(abs(hi) * 0.1, 1.0)
-    return lo - (hi - lo) * pad_frac, hi + (hi - lo) * pad_frac
-
-
-def _clean(xs, ys):
-    """Float arrays of the points where both x and y are finite (NaN / None / inf dropped), sorted by x."""
-    xs, ys = np.asarray(xs, dtype=float).ravel(), np.asarray(ys, dtype=float).ravel()
-    keep = np.isfinite(xs) & np.isfinite(ys)
-    order = np.argsort(xs[keep], kind="stable")
-    return xs[keep][order], ys[keep][order]
-
-
-def draw_panel(img, x0, y0, w, h, panel):
-    """Draw one panel (title, legend, grid, ticks, frame, curves) into the box (x0, y0, w, h) of img."""
-    series = [(str(label), *_clean(*xy)) for label, xy in panel.get("series", {}).items()]
-    all_x = np.concatenate([s[1] for s in series] + [np.zeros(0)])
-    all_y = np.concatenate([s[2] for s in series] + [np.zeros(0)])
-    ch, adv = 7 * SCALE, 6 * SCALE
-    title = text_mask(str(panel.get("title", "")))
-    _paste(img, title, x0 + (w - title.shape[1]) // 2, y0 + 8, INK)
-    # y ticks decide the left margin, which decides the legend's room, which decides the plot's top
-    ylo, yhi = _limits(all_y, 0.05)
-    yticks, ystep = nice_ticks(ylo, yhi, n=max(3, (h - 100) // 55))
-    ylabels = [fmt_tick(v, ystep) for v in yticks]
-    ylabel = str(panel.get("ylabel") or "")
-    left = x0 + 10 + (ch + 8 if ylabel else 0) + max([len(s) * adv for s in ylabels] + [0]) + 8
-    right, bottom = x0 + w - 20, y0 + h - 2 * ch - 8
-    lx, ly, items = left, y0 + 8 + ch + 10, []
-    for i, (label, _, _) in enumerate(series):
-        iw = 22 + len(label) * adv
-        if lx > left and lx + iw > right:
-            lx, ly = left, ly + ch + 6
-        items.append((lx, ly, label, COLORS[i % len(COLORS)]))
-        lx += iw + 18
-    top = ly + ch + 10 if series else ly
-    if right - left < 20 or bottom - top < 20:
-        return  # box too small to hold a plot
-    for lx, ly, label, color in items:
-        _dots(img, np.arange(lx, lx + 16), np.full(16, ly + ch // 2), color, LINE_W + 1)
-        _paste(img, text_mask(label), lx + 22, ly, INK)
-    xlo, xhi = _limits(all_x, 0.0)
-    xticks, xstep = nice_ticks(xlo, xhi, n=max(2, (right - left) // 90), integer=True)
-    to_px = lambda x: left + (x - xlo) / (xhi - xlo) * (right - left)  # noqa: E731
-    to_py = lambda y: bottom - (y - ylo) / (yhi - ylo) * (bottom - top)  # noqa: E731
-    for v, s in zip(yticks, ylabels):
-        py = int(round(to_py(v)))
-        img[py, left:right + 1] = GRID
-        img[py, left - 4:left] = INK
-        _paste(img, text_mask(s), left - 7 - len(s) * adv + SCALE, py - ch // 2, INK)
-    for v in xticks:
-        px, s = int(round(to_px(v))), fmt_tick(v, xstep)
-        img[top:bottom + 1, px] = GRID
-        img[bottom:bottom + 5, px] = INK
-        tx = min(max(px - (len(s) * adv - SCALE) // 2, x0), x0 + w - len(s) * adv)
-        _paste(img, text_mask(s), tx, bottom + 8, INK)
-    if ylabel:
-        mask = np.rot90(text_mask(ylabel))  # reads bottom to top
-        _paste(img, mask, x0 + 10, (top + bottom - mask.shape[0]) // 2, INK)
-    img[top:bottom + 1, [left, right]] = INK
-    img[[top, bottom], left:right + 1] = INK
-    for i, (label, xs, ys) in enumerate(series):
-        px, py = to_px(xs), to_py(ys)
-        _polyline(img, px, py, COLORS[i % len(COLORS)])
-        if 0 < len(xs) <= MARKERS_UP_TO:
-            _dots(img, px, py, COLORS[i % len(COLORS)], 5)
-
-
-def render(panels, width=None, height=None):
-    """The panels as an RGB uint8 [height, width, 3] array: side by side, or a 2-column grid past 3 panels."""
-    n = max(len(panels), 1)
-    cols = n if n <= 3 else 2
-    rows = math.ceil(n / cols)
-    width, height = width or 520 * cols, height or 380 * rows
-    img = np.full((height, width, 3), WHITE, dtype=np.uint8)
-    pw, ph = width // cols, height // rows
-    for i, panel in enumerate(panels):
-        draw_panel(img, (i % cols) * pw, (i // cols) * ph, pw, ph, panel)
-    return img
-
-
-def png_bytes(img):
-    """Encode an RGB uint8 [H, W, 3] array as PNG: signature, IHDR, one zlib IDAT (filter 0 per row), IEND."""
-    h, w, _ = img.shape
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, w * 3)], axis=1).tobytes()
-
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, deflate, no filter method, no interlace
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-
-
-def plot_curves(path, panels, width=None, height=None):
-    """Render panels (dicts: title, series {label: (xs, ys)}, optional ylabel) and write them to path as PNG."""
-    with open(path, "wb") as f:
-        f.write(png_bytes(render(panels, width, height)))
-    return path
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,8 @@
 """From reward scores to preferences and verdicts: the (best, worst) pair of a prompt's samples, and the win rate
 of model A over model B with ties excluded and a Wilson 95% interval."""
 import math
+import re
+from collections import Counter
 
 
 def best_worst_pair(samples, min_gap=0.0):
@@ -21,6 +23,16 @@ def best_worst_pair(samples, min_gap=0.0):
     if gap <= 0 or gap < min_gap:
         return None
     return best, worst
+
+
+def text_similarity(a, b):
+    """Cosine similarity of the two texts' word counts (words: lowercased runs of letters, digits and _): 1.0 for
+    the same words in the same numbers, 0.0 for no word in common (or an empty text). Cheap, and enough to spot a
+    near-duplicate pair."""
+    ca, cb = (Counter(re.findall(r"\w+", t.lower())) for t in (a, b))
+    dot = sum(n * cb[w] for w, n in ca.items())
+    norm = math.sqrt(sum(n * n for n in ca.values()) * sum(n * n for n in cb.values()))
+    return dot / norm if norm else 0.0
 
 
 def wilson_interval(wins, n, z=1.959964):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # the list AdamW(fused=True) checks
+from tqdm import tqdm
 
 from nanoalign.errors import InputError
 
@@ -174,15 +175,23 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=not fused)
 
 
-def lr_at(step, total_steps, lr, warmup_steps=0, schedule="cosine", min_lr_ratio=0.0):
-    """Linear warmup, then cosine or linear decay to lr * min_lr_ratio (or constant)."""
+def lr_at(step, total_steps, lr, warmup_steps=0, schedule="cosine", min_lr_ratio=0.0, step_every=1, gamma=0.5):
+    """Linear warmup, then cosine or linear decay to lr * min_lr_ratio, constant, or `step`: x gamma every
+    step_every steps (torch's StepLR)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return lr
+    if schedule == "step":
+        return lr * gamma ** (step // step_every)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * decay)
+
+
+def beta_at(step, beta, warmup_steps=0):
+    """DPO's beta, ramped linearly over the first warmup_steps steps (beta / warmup_steps at step 0), then flat."""
+    return beta * min(1.0, (step + 1) / warmup_steps) if warmup_steps else beta
 
 
 def optimizer_step(model, optimizer, scaler, clip, loss=0.0):
@@ -245,31 +254,65 @@ def set_lr(optimizer, lr):
 # Progress and metrics
 
 class Progress:
-    """A one-line progress bar on stderr: `step 12/100 ███░░ loss 1.23 | 45.1k tok/s | eta 0:42`."""
+    """A tqdm bar on stderr: `sft:  12%|██▎      | 12/100 [00:05<00:42, 2.30step/s, loss=1.23, 45.1k tok/s]`.
 
-    def __init__(self, total, desc="", enabled=True, start=0):
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.n, self.start_n, self.t0 = start, start, time.time()
-        self.tty = sys.stderr.isatty()
+    On a terminal tqdm redraws it in place. Anywhere else (a log file, a pipe) a redrawn bar would be one long
+    line of carriage returns, so the same text is printed as a plain line every `log_every` of the total (and
+    at least every `log_seconds`), and at the end. total=None counts without a bar (e.g. rows tokenised).
+    Disabled (enabled=False, e.g. ranks other than 0) it prints nothing.
+    """
 
-    def update(self, n=1, **postfix):
+    def __init__(self, total, desc="", enabled=True, start=0, unit="step", log_every=0.05, log_seconds=60.0):
+        self.total, self.desc, self.unit, self.start = total, desc, unit, start
+        self.n, self.postfix, self.t0 = start, "", time.time()
+        self.tty = enabled and sys.stderr.isatty()
+        self.lines = enabled and not self.tty
+        self.bar = tqdm(total=total, initial=start, desc=desc, unit=unit, disable=not self.tty, file=sys.stderr,
+                        dynamic_ncols=True)
+        self.every = max(1, int((total or 0) * log_every)) if total else None
+        self.log_seconds, self.last_line, self.last_time = log_seconds, start, self.t0
+
+    def update(self, n=1, *notes, **fields):
+        """Advance by n; show `key=value` fields (floats to 4 significant digits), then notes such as rate()'s."""
         self.n += n
-        if not self.enabled:
-            return
-        done = self.n - self.start_n
-        eta = (time.time() - self.t0) / max(done, 1) * (self.total - self.n)
-        bar = "█" * int(20 * self.n / max(self.total, 1))
-        fields = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in postfix.items())
-        line = f"{self.desc} {self.n}/{self.total} {bar:<20} {fields} | eta {int(eta) // 60}:{int(eta) % 60:02d}"
-        # on a terminal redraw in place; in a log file print every ~5% so logs stay readable
+        self.postfix = ", ".join([f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()]
+                                 + list(notes))
         if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        elif self.n == self.total or self.n % max(1, self.total // 20) == 0:
-            print(line, file=sys.stderr, flush=True)
+            self.bar.set_postfix_str(self.postfix, refresh=False)
+            self.bar.update(n)
+        elif self.lines:
+            now = time.time()
+            due = self.every and self.n - self.last_line >= self.every or now - self.last_time >= self.log_seconds
+            if due or self.n == self.total:
+                self.last_line, self.last_time = self.n, now
+                self._line()
+
+    def _line(self):
+        print(tqdm.format_meter(self.n, self.total, time.time() - self.t0, prefix=self.desc, unit=self.unit,
+                                initial=self.start, postfix=self.postfix or None, bar_format=LOG_FORMAT
+                                if self.total else None), file=sys.stderr, flush=True)
 
     def close(self):
-        if self.enabled and self.tty:
-            print(file=sys.stderr, flush=True)
+        if self.lines and self.n != self.last_line:
+            self._line()
+        self.bar.close()
+
+
+LOG_FORMAT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
+def track(iterable, desc, enabled=True, unit="rows"):
+    """Iterate with a Progress counting items (no total needed), e.g. rows read and tokenised."""
+    progress = Progress(None, desc, enabled, unit=unit)
+    for item in iterable:
+        yield item
+        progress.update()
+    progress.close()
+
+
+def rate(count, seconds, unit):
+    """A speed with units that fit its size: `12.3 tok/s`, `0.42 tok/s`, `45.1k tok/s` (never `0.0k`)."""
+    return f"{tqdm.format_sizeof(count / max(seconds, 1e-9))} {unit}/s"
 
 
 class MetricsLog:

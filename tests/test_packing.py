@@ -101,3 +101,30 @@ def test_varlen_matches_sdpa_on_cuda():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             out[impl] = model(ids, document_ids=docs).float()
     assert_close(out["varlen"], out["sdpa"], atol=2e-2, rtol=2e-2)
+
+
+def test_packed_preference_batch_gives_the_four_logp_sums_of_padded_rows():
+    """DPO: the chosen and rejected sums of 3 pairs, packed into rows of 24 tokens (shared by pairs), equal those
+    of preference_batch's padded [2b, t] rows; and so do their gradients."""
+    from nanoalign.data import packed_preference_batch, preference_batch
+    from nanoalign.losses import sequence_logps
+    g = torch.Generator().manual_seed(3)
+    tok = lambda n: torch.randint(0, 97, (n,), generator=g).tolist()  # noqa: E731
+    pairs = [{"prompt": tok(p), "chosen": tok(c), "rejected": tok(r)} for p, c, r in [(5, 7, 3), (9, 2, 6), (4, 11, 8)]]
+    model = CausalLM(CONFIG).init_weights(std=0.2)
+    ids, mask = preference_batch(pairs, 0)
+    padded = sequence_logps(model(ids, return_hidden=True), model.lm_head.weight, ids, mask, chunk_size=5)
+    padded.sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    ids, mask, docs, seqs = packed_preference_batch(pairs, 24, 0)
+    assert ids.shape == (4, 24) and ids.numel() < 6 * 19  # 4 rows of 24 instead of 6 of 19
+    assert all(set(r[r.index(-1):]) == {-1} for r in seqs.tolist() if -1 in r)  # pads only at a row's end
+    assert sorted(set(seqs.flatten().tolist()) - {-1}) == list(range(6))
+    packed = sequence_logps(model(ids, document_ids=docs, return_hidden=True), model.lm_head.weight, ids, mask,
+                            chunk_size=5, sequence_ids=seqs, num_sequences=6)
+    packed.sum().backward()
+    assert_close(packed.detach(), padded.detach(), atol=1e-5, rtol=1e-5)  # chosen 0..2, rejected 3..5
+    for n, p in model.named_parameters():
+        assert_close(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f'{n}: {m}')

@@ -185,6 +185,20 @@ def test_ddp_and_accumulation_match_one_big_batch(setup, small, tmp_path):
     assert all(".lora_A." in k or ".lora_B." in k for k in read_weights(small / "big" / "final"))
 
 
+def test_packed_sequences_match_padded_rows(setup, small, tmp_path):
+    """--pack: the 8 sequences of each step packed into one row each attending only to itself: the same
+    metrics, eval metrics and adapter as the padded [8, t] batches (the equality of the four log-prob sums on
+    several rows is tests/test_packing.py's)."""
+    dpo(setup, tmp_path / "packed", *SMALL, "--batch-size", 4, "--pack")
+    big, rows = read_metrics(small / "big"), read_metrics(tmp_path / "packed")
+    assert len(rows) == 3
+    for r, r_big in zip(rows, big):
+        for k in ("loss", "reward_acc", "reward_margin", "chosen_logps", "rejected_logps", "grad_norm"):
+            assert r[k] == pytest.approx(r_big[k], rel=1e-6, abs=1e-5), (r["step"], k)
+    assert rows[-1]["eval_loss"] == pytest.approx(big[-1]["eval_loss"], abs=1e-5)
+    assert max_weight_diff(read_weights(tmp_path / "packed" / "final"), read_weights(small / "big" / "final")) < 1e-5
+
+
 def used_pairs(setup, steps, global_batch, eval_frac=SMALL_EVAL):
     """The pairs a run of `steps` steps sees (its global batches, cut by the data functions) plus the eval split."""
     train_set, eval_set = splits(setup, eval_frac)

@@ -183,7 +183,8 @@ def test_lora_sft_trains_only_the_adapter_and_resumes(toy_setup, tmp_path):
             "--lora-r", 4, "--lora-alpha", 8, "--lora-dropout", 0)
     full = train(toy_setup, toy_setup.sft, tmp_path / "full", *args)
     final = tmp_path / "full" / "final"
-    assert {p.name for p in final.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in final.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                                    "README.md"}  # + the model card
     adapter = read_weights(final)
     assert all(k.startswith("base_model.model.model.layers.") for k in adapter)
     assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 0  # it trained
