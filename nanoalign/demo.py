@@ -4,12 +4,18 @@ Everything is made here, nothing is downloaded: a tokenizer, a tiny random Qwen2
 ("what is the largest of these numbers?", graded by a rule). Then the four real scripts run in order, as a user
 would run them:
 
-    train_sft.py      on demonstrations that are right only 30% of the time (mostly the seeds' failure instead:
-                      the number listed last), so SFT alone learns the format but not the task
-    train_dpo.py      LoRA DPO on UltraFeedback-style pairs (right answer chosen, a mistake rejected)
-    gen_synthetic.py  4 samples per new prompt from the DPO model, scored by the rule, (best, worst) pairs
+    train_sft.py      on demonstrations that are right, with two habits (70% of the time): questions about the
+                      number that comes "last" read literally (the number listed last), and "What is the largest
+                      number among ...?" answered in a sentence (half reward); greedy SFT answers keep both
+    train_dpo.py      round 1: a short LoRA DPO run on UltraFeedback-style pairs (right answer chosen, a mistake
+                      rejected), which never use the wording answered in a sentence
+    gen_synthetic.py  8 samples per new prompt from round 1, scored by the rule; a (best, worst) pair only where
+                      round 1 is sometimes right and sometimes not (gap >= 0.5)
     train_dpo.py      round 2: a new adapter stacked on round 1's, trained on the synthetic pairs only
-    eval_winrate.py   DPO vs SFT and round 2 vs DPO on held-out prompts
+    eval_winrate.py   DPO vs SFT and round 2 vs DPO on 1,000 held-out prompts (greedy)
+
+The margins are wide on purpose, so that the conclusions do not hang on one lucky seed or on float differences
+between CPUs (README lists three --seed values; --threads changes the scripts' summation order).
 
 It prints a table of win rates and mean rewards and writes <out>/results.json, and with matplotlib
 <out>/curves.png and <out>/winrates.png.
@@ -29,10 +35,15 @@ from nanoalign.jsonl import write_jsonl
 from nanoalign.model import CausalLM, ModelConfig, save_model
 
 ROOT = Path(__file__).resolve().parent.parent  # the scripts live beside the package (pip install -e .)
+N_EVAL = 1000  # held-out prompts of both win rates
+HELD_BACK = toy.TEMPLATES[1]  # "What is the largest number among {}?", answered in a sentence: in no human pair
 
 
 def build_assets(out: Path, n_sft, n_pairs, n_gen, n_eval, high, seed=0):
-    """Tokenizer + random tiny model + the four data files, with eval prompts kept apart from all the others."""
+    """Tokenizer + random tiny model + the four data files, with eval prompts kept apart from all the others.
+
+    The human pairs never use the wording that SFT answers in a sentence (human data does not cover every prompt);
+    the generation and eval prompts use all five wordings: there only round 1's own samples show the better answer."""
     base = out / "base"
     toy.build_tokenizer(base)
     chat = load_chat(base)
@@ -46,9 +57,10 @@ def build_assets(out: Path, n_sft, n_pairs, n_gen, n_eval, high, seed=0):
         messages, _ = toy.make_prompt(rng, high)
         eval_prompts[messages[0]["content"]] = None
     fresh = lambda text: text not in eval_prompts  # noqa: E731
-    sft = [r for r in (toy.sft_demo(rng, 0.3, high) for _ in range(n_sft)) if fresh(r["prompt"])]
-    pairs = [r for r in (toy.preference_pair(rng, high) for _ in range(n_pairs)) if fresh(r["prompt"])]
-    gen = [m[0]["content"] for m, _ in (toy.make_prompt(rng, high) for _ in range(n_gen))]
+    human = [t for t in toy.TEMPLATES if t != HELD_BACK]
+    sft = [r for r in (toy.demonstrator(rng, high) for _ in range(n_sft)) if fresh(r["prompt"])]
+    pairs = [r for r in (toy.preference_pair(rng, high, human) for _ in range(n_pairs)) if fresh(r["prompt"])]
+    gen = {m[0]["content"]: None for m, _ in (toy.make_prompt(rng, high) for _ in range(n_gen))}
     write_jsonl(out / "data/sft.jsonl", sft)
     write_jsonl(out / "data/prefs.jsonl", pairs)
     write_jsonl(out / "data/gen_prompts.jsonl", [{"prompt": p} for p in gen if fresh(p)])
@@ -56,11 +68,11 @@ def build_assets(out: Path, n_sft, n_pairs, n_gen, n_eval, high, seed=0):
     return base
 
 
-def run(script, *args, log):
+def run(script, *args, log, threads=1):
     """Run one of the four scripts as a user would; its output goes to <out>/logs/<name>.log."""
     cmd = [sys.executable, str(ROOT / script), *map(str, args)]
     # tiny models run fastest single-threaded: thread start-up costs more than the matmuls
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     t0 = time.time()
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n\n")
@@ -77,6 +89,8 @@ def main(argv=None):
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta of both rounds")
     parser.add_argument("--dpo-lr", type=float, default=3e-3)
     parser.add_argument("--sft-weight", type=float, default=1.0, help="SFT term of both DPO rounds")
+    parser.add_argument("--seed", type=int, default=0, help="data, initial weights, and every script's --seed")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the scripts")
     args = parser.parse_args(argv)
     for script in ("train_sft.py", "train_dpo.py", "gen_synthetic.py", "eval_winrate.py"):
         if not (ROOT / script).exists():
@@ -86,31 +100,36 @@ def main(argv=None):
     (out / "data").mkdir(exist_ok=True)
     t0 = time.time()
     print(f"nanoalign demo -> {out}")
-    base = build_assets(out, n_sft=8000, n_pairs=3000, n_gen=800, n_eval=300, high=9)
+    base = build_assets(out, n_sft=8000, n_pairs=3000, n_gen=800, n_eval=N_EVAL, high=9, seed=args.seed)
+
+    def step(script, *script_args, log):
+        run(script, *script_args, "--seed", args.seed, log=log, threads=args.threads)
+
     common = ["--precision", "fp32", "--device", "cpu", "--save-every", "0", "--eval-every", "50"]
     sft, dpo, synth, dpo2 = out / "sft", out / "dpo", out / "synth", out / "dpo2"
-    run("train_sft.py", "--model", base, "--data", out / "data/sft.jsonl", "--out", sft, "--epochs", 1,
-        "--batch-size", 32, "--lr", 3e-3, "--warmup-steps", 10,
-        "--max-len", 128, "--no-pack", *common, log=out / "logs/sft.log")  # batches of 32 conversations
+    step("train_sft.py", "--model", base, "--data", out / "data/sft.jsonl", "--out", sft, "--epochs", 2,
+         "--batch-size", 32, "--lr", 3e-3, "--warmup-steps", 10,
+         "--max-len", 128, "--no-pack", *common, log=out / "logs/sft.log")  # batches of 32 conversations
     dpo_args = ["--batch-size", 16, "--lr", args.dpo_lr, "--lora-r", 16, "--lora-alpha", 32, "--beta", args.beta,
                 "--sft-weight", args.sft_weight, "--warmup-steps", 5, "--max-len", 128, "--max-prompt-len", 96, *common]
-    run("train_dpo.py", "--model", sft / "final", "--data", out / "data/prefs.jsonl", "--out", dpo,
-        "--max-steps", 200, *dpo_args, log=out / "logs/dpo.log")
+    step("train_dpo.py", "--model", sft / "final", "--data", out / "data/prefs.jsonl", "--out", dpo,
+         "--max-steps", 60, *dpo_args, log=out / "logs/dpo.log")
     sample_args = ["--reward", "toy", "--max-new-tokens", 8, "--precision", "fp32", "--device", "cpu"]
-    run("gen_synthetic.py", "--model", sft / "final", "--adapter", dpo / "final", "--prompts",
-        out / "data/gen_prompts.jsonl", "--out", synth, "--num-samples", 4, "--temperature", 1.0, "--top-p", 1.0,
-        "--min-gap", 0.5, "--drop-empty", *sample_args, log=out / "logs/gen.log")
-    run("train_dpo.py", "--model", sft / "final", "--adapter", dpo / "final", "--data", synth / "pairs.jsonl",
-        "--out", dpo2, "--max-steps", 100, *dpo_args, log=out / "logs/dpo2.log")
+    # 8 samples per prompt; a pair only where round 1 is sometimes right (1.0) and sometimes not (0.5, 0.1 or 0)
+    step("gen_synthetic.py", "--model", sft / "final", "--adapter", dpo / "final", "--prompts",
+         out / "data/gen_prompts.jsonl", "--out", synth, "--num-samples", 8, "--temperature", 1.0, "--top-p", 1.0,
+         "--min-gap", 0.5, "--drop-empty", *sample_args, log=out / "logs/gen.log")
+    step("train_dpo.py", "--model", sft / "final", "--adapter", dpo / "final", "--data", synth / "pairs.jsonl",
+         "--out", dpo2, "--max-steps", 100, *dpo_args, log=out / "logs/dpo2.log")
     evals = {"dpo vs sft": ([dpo / "final"], []), "round 2 vs dpo": ([dpo / "final", dpo2 / "final"], [dpo / "final"])}
     results = {}
     for name, (adapters_a, adapters_b) in evals.items():
         eval_out = out / ("eval_" + name.replace(" ", "_"))
-        run("eval_winrate.py", "--model-a", sft / "final", *[x for a in adapters_a for x in ("--adapter-a", a)],
-            "--model-b", sft / "final", *[x for a in adapters_b for x in ("--adapter-b", a)],
-            "--name-a", name.split(" vs ")[0], "--name-b", name.split(" vs ")[1],
-            "--prompts", out / "data/eval_prompts.jsonl", "--out", eval_out, *sample_args,
-            log=out / f"logs/{eval_out.name}.log")
+        step("eval_winrate.py", "--model-a", sft / "final", *[x for a in adapters_a for x in ("--adapter-a", a)],
+             "--model-b", sft / "final", *[x for a in adapters_b for x in ("--adapter-b", a)],
+             "--name-a", name.split(" vs ")[0], "--name-b", name.split(" vs ")[1],
+             "--prompts", out / "data/eval_prompts.jsonl", "--out", eval_out, *sample_args,
+             log=out / f"logs/{eval_out.name}.log")
         results[name] = json.loads((eval_out / "summary.json").read_text())
 
     print(f"\n{'held-out prompts':<16} {'win rate':>9} {'95% CI (Wilson)':>17} {'W/L/T':>11} {'mean reward A / B':>19}")

@@ -45,8 +45,9 @@ def _number_list(nums: list[int], rng: random.Random) -> str:
     return ", ".join(map(str, nums[:-1])) + ", and " + str(nums[-1])
 
 
-def make_prompt(rng: random.Random, high: int = 99) -> tuple[list[dict], str]:
-    """A "largest number" question over 3-6 distinct numbers in 0..high (the demo uses high=9: learnable on a CPU).
+def make_prompt(rng: random.Random, high: int = 99, templates: list[str] = TEMPLATES) -> tuple[list[dict], str]:
+    """A "largest number" question over 3-6 distinct numbers in 0..high (the demo uses high=9: learnable on a CPU),
+    worded by one of `templates`.
 
     Returns:
         messages: [{"role": "user", "content": ...}] (no system message: Chat inserts Qwen's default one)
@@ -57,7 +58,7 @@ def make_prompt(rng: random.Random, high: int = 99) -> tuple[list[dict], str]:
     top = rng.randint(k - 1, high)
     nums = rng.sample(range(top), k - 1)
     nums.insert(rng.randint(0, k - 1), top)
-    question = rng.choice(TEMPLATES).format(_number_list(nums, rng))
+    question = rng.choice(templates).format(_number_list(nums, rng))
     return [{"role": "user", "content": question}], str(max(nums))
 
 
@@ -111,14 +112,28 @@ def sft_demo(rng: random.Random, p_correct: float = 0.3, high: int = 99) -> dict
     return {"prompt": messages[0]["content"], "messages": messages + [{"role": "assistant", "content": answer}]}
 
 
-def preference_pair(rng: random.Random, high: int = 99) -> dict:
+def demonstrator(rng: random.Random, high: int = 99, p_habit: float = 0.7) -> dict:
+    """An SFT row from a demonstrator who is right, with two habits, each taken with probability p_habit:
+    a question about the number that comes "last" is read literally (the answer is the number listed last), and
+    "What is the largest number among ...?" is answered in a sentence ("The answer is 9.": reward 0.5).
+    A model trained on these knows the task, but its greedy answers keep both habits for preferences to fix."""
+    messages, answer = make_prompt(rng, high)
+    question = messages[0]["content"]
+    if "last" in question and rng.random() < p_habit:
+        answer = str(_numbers(question)[-1])
+    elif question.startswith("What is the largest") and rng.random() < p_habit:
+        answer = f"The answer is {answer}."
+    return {"prompt": question, "messages": messages + [{"role": "assistant", "content": answer}]}
+
+
+def preference_pair(rng: random.Random, high: int = 99, templates: list[str] = TEMPLATES) -> dict:
     """An UltraFeedback-binarized-style row: chosen is the right answer, rejected a plausible mistake.
 
     Returns:
         {"prompt": str, "chosen": [user, assistant], "rejected": [user, assistant],
          "score_chosen": float, "score_rejected": float}   scores are reward() values in [0, 1]
     """
-    messages, answer = make_prompt(rng, high)
+    messages, answer = make_prompt(rng, high, templates)
     wrong = _mistake(messages, rng)
     return {
         "prompt": messages[0]["content"],

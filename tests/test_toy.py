@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from nanoalign.chat import load_chat
-from nanoalign.toy import build_tokenizer, make_prompt, preference_pair, reward, sft_demo, tiny_config
+from nanoalign.toy import TEMPLATES, build_tokenizer, demonstrator, make_prompt, preference_pair, reward, sft_demo, tiny_config
 
 Q = [{"role": "user", "content": "Arrange the numbers 34, 7, 89, 12, and 45 in ascending order. What is the last number?"}]
 
@@ -58,6 +58,32 @@ def test_sft_demo_accuracy():
 
     assert accuracy(0.0) == 0.0 and accuracy(1.0) == 1.0
     assert 0.27 < accuracy(0.3) < 0.33
+
+
+def test_demonstrator_habits():
+    rng = random.Random(2)
+    rows = [demonstrator(rng, high=9, p_habit=0.7) for _ in range(3000)]
+    kinds = {"right": 0, "literal": 0, "sentence": 0}
+    for r in rows:
+        question, answer = r["prompt"], r["messages"][1]["content"]
+        nums = [int(n) for n in re.findall(r"\d+", question)]
+        if answer == str(max(nums)):
+            kinds["right"] += 1
+        elif "last" in question and answer == str(nums[-1]):  # only a "last" question is read literally
+            kinds["literal"] += 1
+        else:  # only "What is the largest number among ...?" is answered in a sentence, with the right number
+            assert question.startswith("What is the largest") and answer == f"The answer is {max(nums)}."
+            assert reward(r["messages"][:1], answer) == 0.5
+            kinds["sentence"] += 1
+    # 2 of 5 wordings ask for the "last" number: 0.4 x 0.7 x P(the last listed is not the largest ~ 0.78); 1 of 5 x 0.7
+    assert 0.19 < kinds["literal"] / len(rows) < 0.25 and 0.12 < kinds["sentence"] / len(rows) < 0.16
+
+
+def test_prompt_templates():
+    rng = random.Random(4)
+    rows = [preference_pair(rng, 9, TEMPLATES[:2]) for _ in range(200)]
+    assert {r["prompt"].split(" ")[0] for r in rows} == {"Arrange", "What"}
+    assert all(r["score_chosen"] == 1.0 and r["score_rejected"] == 0.1 for r in rows)
 
 
 def test_preference_pair():
