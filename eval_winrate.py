@@ -190,9 +190,9 @@ summary = dict(name_a=args.name_a, name_b=args.name_b, reward=args.reward, inter
                              max_new_tokens=args.max_new_tokens, seed=args.seed))
 write_json(out / "summary.json", summary)
 low, high = summary["ci95"]
-rate, mean_a, mean_b = (f"{summary[k]:.3f}" if summary[k] is not None else "n/a"
+shown_rate, mean_a, mean_b = (f"{summary[k]:.3f}" if summary[k] is not None else "n/a"
                         for k in ("win_rate", "mean_reward_a", "mean_reward_b"))
 skipped = f", {summary['skipped']} skipped (refused by the reward endpoint)" if summary["skipped"] else ""
-print(f"{args.name_a} vs {args.name_b}: win rate {rate} [{low:.3f}, {high:.3f}] "
+print(f"{args.name_a} vs {args.name_b}: win rate {shown_rate} [{low:.3f}, {high:.3f}] "
       f"({summary['wins']}W/{summary['losses']}L/{summary['ties']}T of {summary['n']}{skipped}); "
       f"mean reward {mean_a} vs {mean_b}")
