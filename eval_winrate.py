@@ -16,6 +16,8 @@ and <out>/summary.json. A prompt's answers depend only on (--seed, prompt_id), b
 numbers. Both answers to a prompt are scored in one reward call, so an answer both sides gave is an exact tie; a
 prompt whose answer the reward endpoint refuses (HTTP 400/413/422) is judged "skipped" and counted apart. Values
 with nothing to average are null in summary.json.
+One run at a time per --out (<out>/.lock); a rerun that judges other models, sampling or reward than those recorded
+in <out>/run_settings.json stops.
 """
 import argparse
 import json
@@ -31,10 +33,12 @@ from nanoalign.engine import generate
 from nanoalign.errors import InputError
 from nanoalign.jsonl import ShardedJsonl, write_json
 from nanoalign.lora import load_merged
+from nanoalign.model import check_vocab
 from nanoalign.preferences import win_rate
 from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
-from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, one_line_errors, print0, rate,
-                             setup_distributed)
+from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
+from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int,
+                             one_line_errors, positive_int, print0, rate, setup_distributed)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,13 +53,13 @@ parser.add_argument("--tokenizer", default=None, help="default: --model-a (both 
 parser.add_argument("--prompts", default="HuggingFaceH4/ultrafeedback_binarized")
 parser.add_argument("--prompts-split", default="test_gen")
 parser.add_argument("--prompts-config", default=None)
-parser.add_argument("--max-prompts", type=int, default=0)
-parser.add_argument("--max-prompt-len", type=int, default=1024)
-parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+parser.add_argument("--max-prompts", type=nonneg_int, default=0)
+parser.add_argument("--max-prompt-len", type=positive_int, default=1024)
+parser.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
 parser.add_argument("--top-p", type=float, default=1.0)
 parser.add_argument("--top-k", type=int, default=0)
-parser.add_argument("--max-new-tokens", type=int, default=256)
-parser.add_argument("--batch-size", type=int, default=64,
+parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+parser.add_argument("--batch-size", type=positive_int, default=64,
                     help="prompts per round: sequences decoded together for each side, then scored and written")
 parser.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graph for the decode step (CUDA)")
 parser.add_argument("--policy-url-a", default=None, help="A's answers from an OpenAI-compatible completions server "
@@ -71,6 +75,7 @@ parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=Non
                          "(default: bf16 on a GPU with bf16, else fp32)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
+add_flags(parser)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
 one_line_errors(RewardServerError, PolicyServerError, RewardError)
@@ -85,6 +90,13 @@ d = setup_distributed(args.device)
 device = d.device if args.device in (None, "cuda") else torch.device(args.device)  # cuda: this rank's GPU
 args.precision = choose_precision(args.precision, device)
 out = Path(args.out)
+lock_out_dir(out, device)
+# what a verdict on disk depends on (--max-prompts and --name-* may change between runs)
+check_settings(out, settings_from(
+    args, ["model_a", "adapter_a", "model_b", "adapter_b", "responses_b", "tokenizer", "prompts", "prompts_split",
+           "prompts_config", "max_prompt_len", "temperature", "top_p", "top_k", "max_new_tokens", "reward",
+           "reward_dtype", "tie_eps", "precision", "seed"]
+    + (["reward_model"] if args.reward.startswith(("http://", "https://")) else [])), args.overwrite)
 # checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
                          check=prompt_check(args.reward))
@@ -119,7 +131,9 @@ if todo:
             return HttpPolicy(url, model, chat.stop_ids, args.max_new_tokens, args.temperature, args.top_k,
                               args.top_p, args.seed, timeout=args.policy_timeout, retries=args.policy_retries,
                               concurrency=args.policy_concurrency, cache_path=out / "policy_cache.jsonl")
-        return load_merged(model, adapters, dtype=dtype, device=device)
+        local = load_merged(model, adapters, dtype=dtype, device=device)
+        check_vocab(chat.vocab_size, local.config, args.tokenizer or args.model_a, model)
+        return local
     model_a = policy(args.model_a, args.adapter_a, args.policy_url_a)
     model_b = policy(args.model_b, args.adapter_b, args.policy_url_b) if args.model_b else None
     reward = reward_from_args(args, device, out / "reward_cache.jsonl", dtype)

@@ -16,6 +16,8 @@ it after its retries with everything so far on disk. Sample k of a prompt depend
 the files are the same whatever the number of ranks, the --batch-size or the point where a run was resumed.
 A sample the reward endpoint refuses (HTTP 400/413/422, e.g. too long) keeps score null, is in no pair, and is
 counted as `skipped` in summary.json.
+One run at a time per --out (<out>/.lock); a rerun whose sampling or reward settings differ from those recorded in
+<out>/run_settings.json stops (--max-prompts, --min-gap, --drop-* and batch sizes may change between runs).
 Keep generation prompts apart from eval prompts (UltraFeedback: train_gen here, test_gen in eval_winrate.py).
 """
 import argparse
@@ -33,10 +35,12 @@ from nanoalign.engine import Engine
 from nanoalign.errors import InputError
 from nanoalign.jsonl import ShardedJsonl, write_json, write_jsonl
 from nanoalign.lora import load_merged
+from nanoalign.model import check_vocab
 from nanoalign.preferences import best_worst_pair, text_similarity
 from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
-from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, one_line_errors, print0, rate,
-                             setup_distributed)
+from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
+from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int,
+                             one_line_errors, positive_int, print0, rate, setup_distributed)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,14 +50,14 @@ parser.add_argument("--tokenizer", default=None, help="default: --model")
 parser.add_argument("--prompts", default="HuggingFaceH4/ultrafeedback_binarized", help="prompt source: file, dir or hub id")
 parser.add_argument("--prompts-split", default="train_gen")
 parser.add_argument("--prompts-config", default=None)
-parser.add_argument("--max-prompts", type=int, default=0, help="use the first this-many prompts (0 = all)")
-parser.add_argument("--max-prompt-len", type=int, default=1024, help="prompts keep their last this-many tokens")
-parser.add_argument("--num-samples", type=int, default=4, help="samples per prompt")
-parser.add_argument("--temperature", type=float, default=0.8)
+parser.add_argument("--max-prompts", type=nonneg_int, default=0, help="use the first this-many prompts (0 = all)")
+parser.add_argument("--max-prompt-len", type=positive_int, default=1024, help="prompts keep their last this-many tokens")
+parser.add_argument("--num-samples", type=positive_int, default=4, help="samples per prompt")
+parser.add_argument("--temperature", type=nonneg_float, default=0.8)
 parser.add_argument("--top-p", type=float, default=0.95)
 parser.add_argument("--top-k", type=int, default=0)
-parser.add_argument("--max-new-tokens", type=int, default=256)
-parser.add_argument("--batch-size", type=int, default=16,
+parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+parser.add_argument("--batch-size", type=positive_int, default=16,
                     help="prompts in flight (batch-size x num-samples sequences decoded together) and per round of scoring")
 parser.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graph for the decode step (CUDA)")
 parser.add_argument("--policy-url", default=None,
@@ -77,6 +81,7 @@ parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=Non
                          "(default: bf16 on a GPU with bf16, else fp32)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", required=True)
+add_flags(parser)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
 one_line_errors(RewardServerError, PolicyServerError, RewardError)
@@ -90,6 +95,15 @@ device = d.device if args.device in (None, "cuda") else torch.device(args.device
 args.precision = choose_precision(args.precision, device)
 out = Path(args.out)
 n = args.num_samples
+lock_out_dir(out, device)
+# what the samples on disk depend on; --max-prompts (more prompts), --min-gap/--drop-* (pairs are rebuilt from the
+# samples) and batch sizes (samples depend only on seed, prompt and k) may change between runs
+check_settings(out, settings_from(
+    args, ["model", "adapter", "tokenizer", "prompts", "prompts_split", "prompts_config", "max_prompt_len",
+           "num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "reward", "reward_dtype", "precision",
+           "seed"]
+    + (["reward_model"] if args.reward.startswith(("http://", "https://")) else [])
+    + (["policy_model"] if args.policy_url else [])), args.overwrite)
 # checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
                          check=prompt_check(args.reward))
@@ -112,6 +126,7 @@ def local_samples(prompt_ids):
     """(prompt index, n (text, n_tokens, finished)) as prompts finish, from the policy on this rank's device: the
     engine refills a slot as soon as its row finishes, so rows of any lengths keep every slot busy."""
     model = load_merged(args.model, args.adapter, dtype=dtype, device=device)
+    check_vocab(chat.vocab_size, model.config, args.tokenizer or args.model, args.model)
     engine = Engine(model, args.batch_size * n, max(map(len, prompt_ids)) + args.max_new_tokens, chat.stop_ids,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, vocab_limit=chat.vocab_size,
                     compile=False if args.eager else None, pad_id=chat.pad_id)

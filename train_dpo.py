@@ -10,13 +10,14 @@ A second round on synthetic pairs, a new adapter stacked on the first (frozen):
 
 Policy = --model + earlier adapters (frozen) + a new LoRA adapter. Reference = the same model with only the new adapter
 switched off (no second copy in memory), or a separate --ref model, or log-probs precomputed once (--precompute-ref)
-so a step needs no reference forward at all. Writes <out>/metrics.jsonl, <out>/ckpt-<step>/, <out>/final/ (the new
-adapter in PEFT layout) and, with --merge, <out>/merged/ (an HF model dir with every adapter folded in).
+so a step needs no reference forward at all. Writes <out>/metrics.jsonl, <out>/ckpt-<step>/ (the newest
+--keep-checkpoints of them are kept), <out>/final/ (the new adapter in PEFT layout) and, with --merge, <out>/merged/
+(an HF model dir with every adapter folded in). One run at a time per --out (<out>/.lock); <out>/run_settings.json
+records the settings a rerun or --resume must share.
 """
 import argparse
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -28,12 +29,15 @@ from nanoalign.data import (holdout_and_mix, packed_preference_batch, preference
 from nanoalign.errors import InputError
 from nanoalign.lora import adapters_disabled, add_lora, describe, load_adapter, load_merged, save_adapter
 from nanoalign.losses import dpo_loss, dpo_metrics, sequence_logps
-from nanoalign.model import load_model, resolve_model_dir, save_model
+from nanoalign.model import check_vocab, load_model, resolve_model_dir, save_model
 from nanoalign.report import REPORT_TO, open_tracker, write_model_card
+from nanoalign.rundir import (add_flags, check_settings, checkpoint, lock_out_dir, settings_from, torch_load_or_none,
+                              torch_save, write_text)
 from nanoalign.train import (DTYPES, DivergenceGuard, MetricsLog, Progress, all_reduce_sum, autocast, beta_at,
                              check_finite_weights, choose_precision, cleanup_distributed, load_train_state, lr_at,
-                             make_optimizer, make_scaler, maybe_no_sync, one_line_errors, optimizer_step, print0, rate,
-                             resolve_resume, save_train_state, set_lr, setup_distributed, track, wrap_ddp)
+                             make_optimizer, make_scaler, maybe_no_sync, nonneg_float, nonneg_int, one_line_errors,
+                             optimizer_step, positive_float, positive_int, print0, rate, resolve_resume,
+                             save_train_state, set_lr, setup_distributed, track, wrap_ddp)
 
 
 def number_list(text):  # argparse names the flag and this function in its error: "invalid number_list value"
@@ -51,12 +55,12 @@ parser.add_argument("--data-weights", default=None, type=number_list,
 parser.add_argument("--data-split", default="train")
 parser.add_argument("--data-config", default=None)
 parser.add_argument("--out", required=True)
-parser.add_argument("--max-len", type=int, default=1024, help="longest prompt + response in tokens")
-parser.add_argument("--max-prompt-len", type=int, default=None,
+parser.add_argument("--max-len", type=positive_int, default=1024, help="longest prompt + response in tokens")
+parser.add_argument("--max-prompt-len", type=positive_int, default=None,
                     help="prompts keep their last this-many tokens (default: half of --max-len)")
 parser.add_argument("--eval-frac", type=float, default=0.02)
-parser.add_argument("--beta", type=float, default=0.1)
-parser.add_argument("--beta-warmup-steps", type=int, default=0, help="ramp beta linearly from beta/N to beta over the first N steps")
+parser.add_argument("--beta", type=positive_float, default=0.1)
+parser.add_argument("--beta-warmup-steps", type=nonneg_int, default=0, help="ramp beta linearly from beta/N to beta over the first N steps")
 parser.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid")
 parser.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO (sigmoid only)")
 parser.add_argument("--margin-clamp", type=float, default=0.0,
@@ -70,19 +74,19 @@ parser.add_argument("--lora-r", type=int, default=8)
 parser.add_argument("--lora-alpha", type=float, default=16)
 parser.add_argument("--lora-dropout", type=float, default=0.0)
 parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-parser.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch per rank")
-parser.add_argument("--grad-accum", type=int, default=1)
-parser.add_argument("--epochs", type=float, default=1.0)
-parser.add_argument("--max-steps", type=int, default=0)
-parser.add_argument("--lr", type=float, default=5e-5)
-parser.add_argument("--min-lr-ratio", type=float, default=0.0)
+parser.add_argument("--batch-size", type=positive_int, default=4, help="pairs per micro-batch per rank")
+parser.add_argument("--grad-accum", type=positive_int, default=1)
+parser.add_argument("--epochs", type=positive_float, default=1.0)
+parser.add_argument("--max-steps", type=nonneg_int, default=0)
+parser.add_argument("--lr", type=positive_float, default=5e-5)
+parser.add_argument("--min-lr-ratio", type=nonneg_float, default=0.0)
 parser.add_argument("--schedule", choices=["cosine", "linear", "constant", "step"], default="cosine",
                     help="step: lr x --lr-step-gamma every --lr-step-every epochs (StepLR)")
 parser.add_argument("--lr-step-every", type=float, default=0.2, help="--schedule step: epochs between lr drops")
 parser.add_argument("--lr-step-gamma", type=float, default=0.5, help="--schedule step: lr factor at each drop")
-parser.add_argument("--warmup-steps", type=int, default=0)
-parser.add_argument("--weight-decay", type=float, default=0.0)
-parser.add_argument("--clip", type=float, default=1.0)
+parser.add_argument("--warmup-steps", type=nonneg_int, default=0)
+parser.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+parser.add_argument("--clip", type=nonneg_float, default=1.0)
 parser.add_argument("--max-bad-steps", type=int, default=3,
                     help="stop after this many steps in a row with a non-finite loss or gradient norm, each skipped "
                          "(0 = never stop; fp16 overflows the GradScaler skips do not count)")
@@ -96,9 +100,10 @@ parser.add_argument("--pack", action="store_true",
                     help="pack the chosen and rejected sequences of a micro-batch into rows of --max-len (each "
                          "attending only to itself): no padding but each row's end, the same log-probs")
 parser.add_argument("--chunk-size", type=int, default=1024)
-parser.add_argument("--eval-every", type=int, default=100)
-parser.add_argument("--save-every", type=int, default=500)
-parser.add_argument("--resume", default=None, help="a ckpt-<step> dir, or `auto`")
+parser.add_argument("--eval-every", type=nonneg_int, default=100)
+parser.add_argument("--save-every", type=nonneg_int, default=500)
+add_flags(parser, "Each holds only the new adapter and its two fp32 AdamW moments per rank: 12 bytes an adapter "
+                  "parameter (Qwen2.5-0.5B at r 8: 53 MB; 7B: 0.24 GB)")
 parser.add_argument("--merge", action="store_true", help="also write <out>/merged, an HF model dir with adapters folded in")
 parser.add_argument("--report-to", choices=REPORT_TO, default="none",
                     help="also send metrics to TensorBoard (<out>/tensorboard) or W&B; metrics.jsonl is always written")
@@ -124,6 +129,18 @@ tracker = open_tracker(args.report_to, args.out, vars(args), d.is_main)
 args.precision = choose_precision(args.precision, d.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
+lock_out_dir(out, d.device)
+# what defines the results; a rerun or --resume with other values stops (see README "Runs that survive")
+check_settings(out, settings_from(
+    args, ["model", "adapter", "tokenizer", "data", "data_weights", "data_split", "data_config", "max_len",
+           "max_prompt_len", "eval_frac", "beta", "loss_type", "label_smoothing", "sft_weight", "ref", "lora_r",
+           "lora_alpha", "lora_dropout", "lora_targets", "lr", "min_lr_ratio", "schedule", "warmup_steps",
+           "weight_decay", "clip", "precision", "base_dtype", "seed", "beta_warmup_steps"]
+    + (["lr_step_every", "lr_step_gamma"] if args.schedule == "step" else [])
+    # the LR schedule stretches over the run's length; a constant LR does not depend on it, so it may be extended
+    + ([] if args.schedule == "constant" else ["max_steps"] if args.max_steps else ["epochs"]),
+    **{"global batch (--batch-size x --grad-accum x ranks)": args.batch_size * args.grad_accum * d.world}),
+    args.overwrite, keep=["ref_logps.pt"])  # keyed by its own fingerprint: reused when the reference is the same
 model_dir = resolve_model_dir(args.model)
 tokenizer_dir = resolve_model_dir(args.tokenizer) if args.tokenizer else model_dir
 chat = load_chat(tokenizer_dir)  # the default system prompt is the one of the dir's own chat template
@@ -156,6 +173,7 @@ resume_dir = resolve_resume(args.resume, out)
 base_dtype = DTYPES["bf16" if args.base_dtype == "auto" and args.precision == "bf16" else
                     "fp32" if args.base_dtype == "auto" else args.base_dtype]
 model = load_model(model_dir, dtype=base_dtype, device=d.device)
+check_vocab(chat.vocab_size, model.config, args.tokenizer or args.model, args.model)
 for i, path in enumerate(args.adapter):
     load_adapter(model, path, name=f"round{i}", trainable=False)
 if resume_dir:
@@ -234,21 +252,18 @@ def precompute_reference(examples, path, save_every_s=600):
                        precision=args.precision, base_dtype=str(base_dtype), weights=[weights_stamp(p) for p in
                                                           [model_dir, *args.adapter, *([args.ref] if args.ref else [])]])
     logps = {}
-    if path.exists():
-        cached = torch.load(path, weights_only=False)
-        if cached["fingerprint"] == fingerprint:
-            logps = cached["logps"]
-        else:
-            print0(f"{path} is stale (other model, settings or weights): recomputing")
+    cached = torch_load_or_none(path)  # None when missing, or torn by a kill or a full disk: recomputed
+    if cached is not None and cached["fingerprint"] == fingerprint:
+        logps = cached["logps"]
+    elif cached is not None:
+        print0(f"{path} is stale (other model, settings or weights): recomputing")
     todo = sorted({pair_key(ex): ex for ex in examples if pair_key(ex) not in logps}.values(), key=pair_length,
                   reverse=True)
     print0(f"reference log-probs: {len({pair_key(ex) for ex in examples})} pairs used, {len(todo)} to compute, "
            f"the rest from {path}")
 
     def save(entries):
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"fingerprint": fingerprint, "logps": entries}, tmp)
-        os.replace(tmp, path)
+        torch_save({"fingerprint": fingerprint, "logps": entries}, path)
 
     mine, fresh, tokens, t0, saved = todo[d.rank::d.world], {}, 0, time.time(), time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -336,20 +351,18 @@ def card(path, adapter):
 
 def save(name, final=False):
     check_finite_weights(model, step)
-    ckpt = out / name
-    if d.is_main:
-        save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
-        (ckpt / "nanoalign_stack.json").write_text(json.dumps({"base": args.model, "below": args.adapter}, indent=2))
-        if final:
-            card(ckpt, adapter=True)
-    if not final:
-        save_train_state(ckpt, optimizer, scaler, step, args=vars(args))
-    if d.world > 1:
-        torch.distributed.barrier()
+    with checkpoint(out / name, args.keep_checkpoints, final) as ckpt:
+        if d.is_main:
+            save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
+            write_text(ckpt / "nanoalign_stack.json", json.dumps({"base": args.model, "below": args.adapter}, indent=2))
+            if final:
+                card(ckpt, adapter=True)
+        if not final:
+            save_train_state(ckpt, optimizer, scaler, step, args=vars(args))
     print0(f"saved {ckpt}")
 
 
-metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
+metrics = MetricsLog(out / "metrics.jsonl", d.is_main, start_step=step)
 final_metrics = {}  # the last value of every metric, eval included
 guard = DivergenceGuard(args.max_bad_steps)
 progress = Progress(total_steps, "dpo", d.is_main, start=step)

@@ -8,8 +8,9 @@ Three GPUs:
 Conversations are packed into rows of --max-len tokens (--no-pack: one right-padded conversation a row), each
 attending only to itself. The global batch is batch_size x grad_accum x world_size rows (conversations with
 --no-pack); the loss is the mean over every assistant token of that global batch.
-Writes <out>/metrics.jsonl, <out>/ckpt-<step>/ (HF model dir + train state to
---resume from) and <out>/final/ (HF model dir, or a LoRA adapter with --lora).
+Writes <out>/metrics.jsonl, <out>/ckpt-<step>/ (HF model dir + train state to --resume from; the newest
+--keep-checkpoints of them are kept) and <out>/final/ (HF model dir, or a LoRA adapter with --lora). One run at a
+time per --out (<out>/.lock); <out>/run_settings.json records the settings a rerun or --resume must share.
 """
 import argparse
 import os
@@ -23,12 +24,15 @@ from nanoalign.data import pack, packed_batch, pad_right, sft_batches, shard, sp
 from nanoalign.errors import InputError
 from nanoalign.losses import masked_logps, sft_loss
 from nanoalign.tokenized import sft_dataset
-from nanoalign.model import PACKED_ATTENTION, CausalLM, load_model, resolve_model_dir, save_model
+from nanoalign.model import (PACKED_ATTENTION, CausalLM, check_vocab, load_model, resolve_model_dir,
+                             save_model)
 from nanoalign.report import REPORT_TO, open_tracker, write_model_card
+from nanoalign.rundir import add_flags, check_settings, checkpoint, lock_out_dir, settings_from
 from nanoalign.train import (DivergenceGuard, MetricsLog, Progress, all_reduce_sum, autocast, check_finite_weights,
                              choose_precision, cleanup_distributed, full_state_dict, load_train_state, lr_at,
-                             make_optimizer, make_scaler, maybe_no_sync, one_line_errors, optimizer_step, print0, rate,
-                             require_torch, resolve_resume, save_train_state, set_lr, setup_distributed, wrap_ddp,
+                             make_optimizer, make_scaler, maybe_no_sync, nonneg_float, nonneg_int, one_line_errors,
+                             optimizer_step, positive_float, positive_int, print0, rate, require_torch,
+                             resolve_resume, save_train_state, set_lr, setup_distributed, wrap_ddp,
                              wrap_fsdp)
 
 # -----------------------------------------------------------------------------
@@ -42,25 +46,25 @@ parser.add_argument("--out", required=True, help="output dir")
 parser.add_argument("--data-cache", default=os.environ.get("NANOALIGN_CACHE", str(Path.home() / ".cache/nanoalign")),
                     help="dir of tokenised datasets, reused while data, tokenizer and settings are unchanged "
                          "(default $NANOALIGN_CACHE or ~/.cache/nanoalign; '' = tokenise in memory each run)")
-parser.add_argument("--max-len", type=int, default=2048, help="longest conversation in tokens")
+parser.add_argument("--max-len", type=positive_int, default=2048, help="longest conversation in tokens")
 parser.add_argument("--truncation", choices=["drop", "cut"], default="drop", help="what to do with longer ones")
 parser.add_argument("--eval-frac", type=float, default=0.02, help="share of conversations held out for eval loss")
-parser.add_argument("--batch-size", type=int, default=8,
+parser.add_argument("--batch-size", type=positive_int, default=8,
                     help="packed rows of --max-len tokens (conversations with --no-pack) per micro-batch per rank")
 parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                     help="pack conversations into rows of --max-len tokens (default), or --no-pack: pad each one")
 parser.add_argument("--pack-attn", choices=PACKED_ATTENTION, default="sdpa",
                     help="attention kernel of packed rows: sdpa (block-diagonal mask, any device), flex "
                          "(FlexAttention, CUDA), varlen (flash varlen, CUDA)")
-parser.add_argument("--grad-accum", type=int, default=1)
-parser.add_argument("--epochs", type=float, default=1.0)
-parser.add_argument("--max-steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
-parser.add_argument("--lr", type=float, default=2e-5)
-parser.add_argument("--min-lr-ratio", type=float, default=0.0)
+parser.add_argument("--grad-accum", type=positive_int, default=1)
+parser.add_argument("--epochs", type=positive_float, default=1.0)
+parser.add_argument("--max-steps", type=nonneg_int, default=0, help="optimizer steps (overrides --epochs)")
+parser.add_argument("--lr", type=positive_float, default=2e-5)
+parser.add_argument("--min-lr-ratio", type=nonneg_float, default=0.0)
 parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
-parser.add_argument("--warmup-steps", type=int, default=0)
-parser.add_argument("--weight-decay", type=float, default=0.0)
-parser.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+parser.add_argument("--warmup-steps", type=nonneg_int, default=0)
+parser.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+parser.add_argument("--clip", type=nonneg_float, default=1.0, help="max gradient norm (0 = off)")
 parser.add_argument("--max-bad-steps", type=int, default=3,
                     help="stop after this many steps in a row with a non-finite loss or gradient norm, each skipped "
                          "(0 = never stop; fp16 overflows the GradScaler skips do not count)")
@@ -77,9 +81,11 @@ parser.add_argument("--lora-r", type=int, default=16)
 parser.add_argument("--lora-alpha", type=float, default=32)
 parser.add_argument("--lora-dropout", type=float, default=0.05)
 parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-parser.add_argument("--eval-every", type=int, default=100, help="steps between eval losses (0 = only at the end)")
-parser.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0 = only final)")
-parser.add_argument("--resume", default=None, help="a ckpt-<step> dir, or `auto` for the newest in --out")
+parser.add_argument("--eval-every", type=nonneg_int, default=100, help="steps between eval losses (0 = only at the end)")
+parser.add_argument("--save-every", type=nonneg_int, default=500, help="steps between checkpoints (0 = only final)")
+add_flags(parser, "Each costs the fp32 weights plus AdamW's two fp32 moments per rank: 12 bytes a parameter on "
+                  "one GPU (Qwen2.5-0.5B 5.9 GB, 7B 91 GB); with --lora only the adapter and its moments (0.5B at "
+                  "r 16: 0.1 GB)")
 parser.add_argument("--report-to", choices=REPORT_TO, default="none",
                     help="also send metrics to TensorBoard (<out>/tensorboard) or W&B; metrics.jsonl is always written")
 parser.add_argument("--seed", type=int, default=0)
@@ -105,6 +111,17 @@ tracker = open_tracker(args.report_to, args.out, vars(args), d.is_main)
 args.precision = choose_precision(args.precision, d.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
+lock_out_dir(out, d.device)
+# what defines the results; a rerun or --resume with other values stops (see README "Runs that survive")
+check_settings(out, settings_from(
+    args, ["model", "tokenizer", "data", "data_split", "data_config", "max_len", "truncation", "pack", "eval_frac",
+           "lr", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "clip", "precision", "lora", "seed",
+           "fsdp"]  # (--fsdp shards the optimizer state in the checkpoints)
+    + (["lora_r", "lora_alpha", "lora_dropout", "lora_targets"] if args.lora else [])
+    # the LR schedule stretches over the run's length; a constant LR does not depend on it, so it may be extended
+    + ([] if args.schedule == "constant" else ["max_steps"] if args.max_steps else ["epochs"]),
+    **{"global batch (--batch-size x --grad-accum x ranks)": args.batch_size * args.grad_accum * d.world}),
+    args.overwrite)
 model_dir = resolve_model_dir(args.model)
 tokenizer_dir = resolve_model_dir(args.tokenizer) if args.tokenizer else model_dir
 chat = load_chat(tokenizer_dir)  # the default system prompt is the one of the dir's own chat template
@@ -133,6 +150,7 @@ print0(f"{len(train_set)} train / {len(eval_idx)} eval conversations"
 # model (fp32 master weights; autocast does the matmuls in bf16/fp16)
 resume_dir = resolve_resume(args.resume, out)
 model = load_model(resume_dir if resume_dir and not args.lora else model_dir, device=d.device)
+check_vocab(chat.vocab_size, model.config, args.tokenizer or args.model, args.model)
 if args.lora:
     from nanoalign.lora import add_lora, describe, load_adapter
     if resume_dir:
@@ -191,24 +209,22 @@ def evaluate():
 
 def save(name, final=False):
     check_finite_weights(model, step)
-    ckpt = out / name
-    state = full_state_dict(model) if args.fsdp else None  # a collective: every rank gathers, rank 0 keeps it
-    if d.is_main:
-        if args.fsdp:
-            save_model(unsharded_copy(state), ckpt, tokenizer_from=tokenizer_dir)
-        elif args.lora:
-            from nanoalign.lora import save_adapter
-            save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
-        else:
-            save_model(model, ckpt, tokenizer_from=tokenizer_dir)
-        if final:
-            write_model_card(ckpt, title=f"{out.name}: SFT of {args.model}", base=args.model, args=vars(args),
-                             data=[(args.data, len(train_set)), ("(held out for eval loss)", len(eval_set) * d.world)],
-                             metrics=final_metrics, world=d.world, steps=step, adapter=args.lora, tags=["sft"])
-    if not final:
-        save_train_state(ckpt, optimizer, scaler, step, args=vars(args))
-    if d.world > 1:
-        torch.distributed.barrier()
+    with checkpoint(out / name, args.keep_checkpoints, final) as ckpt:
+        state = full_state_dict(model) if args.fsdp else None  # a collective: every rank gathers, rank 0 keeps it
+        if d.is_main:
+            if args.fsdp:
+                save_model(unsharded_copy(state), ckpt, tokenizer_from=tokenizer_dir)
+            elif args.lora:
+                from nanoalign.lora import save_adapter
+                save_adapter(model, "default", ckpt, base_model_name_or_path=args.model)
+            else:
+                save_model(model, ckpt, tokenizer_from=tokenizer_dir)
+            if final:
+                write_model_card(ckpt, title=f"{out.name}: SFT of {args.model}", base=args.model, args=vars(args),
+                                 data=[(args.data, len(train_set)), ("(held out for eval loss)", len(eval_set) * d.world)],
+                                 metrics=final_metrics, world=d.world, steps=step, adapter=args.lora, tags=["sft"])
+        if not final:
+            save_train_state(ckpt, optimizer, scaler, step, args=vars(args))
     print0(f"saved {ckpt}")
 
 
@@ -222,7 +238,7 @@ def unsharded_copy(state):
     return plain
 
 
-metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
+metrics = MetricsLog(out / "metrics.jsonl", d.is_main, start_step=step)
 final_metrics = {}  # the last value of every metric, eval included
 guard = DivergenceGuard(args.max_bad_steps)
 progress = Progress(total_steps, "sft", d.is_main, start=step)

@@ -299,4 +299,8 @@ def load_chat(path_or_hub_id, default_system: str | None = FROM_TEMPLATE) -> Cha
     if default_system is FROM_TEMPLATE:
         template = read_chat_template(path.parent)
         default_system = QWEN_SYSTEM if template is None else template_default_system(template, str(path.parent))
-    return Chat(Tokenizer.from_file(str(path)), default_system=default_system)
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception for malformed JSON or a foreign format
+        raise InputError(f"{path}: not a readable tokenizer.json ({e})") from None
+    return Chat(tokenizer, default_system=default_system)

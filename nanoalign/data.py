@@ -98,25 +98,54 @@ def _read_file(path, name):
 
 def _read_json(path, name):
     """JSON lines, or one JSON list of rows (a .json file may hold either; the first character decides)."""
-    with open(path, encoding="utf-8") as f:
-        is_list = f.read(4096).lstrip().startswith("[")
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+        if not head:
+            raise InputError(f"{name}: empty file (no rows)")
         f.seek(0)
-        if is_list:
+        if head.startswith(b"["):
+            data = f.read()
             try:
-                rows = json.load(f)
+                rows = json.loads(_utf8(data, name, lambda e: data[:e.start].count(b"\n") + 1))
             except json.JSONDecodeError as e:
                 raise InputError(f"{name}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
             for i, row in enumerate(rows):
                 yield _check_row(f"{name}:{i}", row)
             return
+        n = 0
         for lineno, line in enumerate(f, start=1):
+            line = _utf8(line, name, lambda e: lineno)
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
+                if n == 0 and line.lstrip().startswith("{"):
+                    _one_object_over_lines(path, name)
                 raise InputError(f"{name}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            n += 1
             yield _check_row(f"{name}:{lineno}", row)
+    if n == 0:
+        raise InputError(f"{name}: only blank lines (no rows)")
+
+
+def _utf8(data: bytes, name, lineno):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{name}:{lineno(e)}: not UTF-8 text (byte {data[e.start]:#04x}); re-save the file as "
+                         f"UTF-8") from None
+
+
+def _one_object_over_lines(path, name):
+    """A pretty-printed JSON object where JSONL wants one object per line: say that, not 'EOF while parsing'."""
+    try:
+        whole = json.loads(Path(path).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return
+    if isinstance(whole, dict):
+        raise InputError(f"{name}: one JSON object spread over several lines; JSON lines need one object per line "
+                         f"(or a .json file holding a list of objects)")
 
 
 def _read_parquet(path, name):
@@ -363,7 +392,7 @@ def prompt_records(records, max_prompts=None, check=None):
     given, runs on every prompt kept (e.g. reward.prompt_check: can the reward grade it?); its InputError is
     raised again with the prompt's file:line in front.
     """
-    prompts, seen = [], set()
+    prompts, seen, duplicates = [], set(), 0
     for where, row in records:
         if isinstance(row.get("prompt"), str):
             messages = [{"role": "user", "content": row["prompt"]}]
@@ -377,6 +406,7 @@ def prompt_records(records, max_prompts=None, check=None):
             messages = messages[:last_user + 1]
         key = row.get("prompt_id") or hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
         if str(key) in seen:
+            duplicates += 1
             continue
         seen.add(str(key))
         if check is not None:
@@ -386,6 +416,8 @@ def prompt_records(records, max_prompts=None, check=None):
             break
     if not prompts:
         raise InputError("no prompts found")
+    if duplicates:
+        print(f"prompts: dropped {duplicates} duplicate(s) (a prompt_id, or a prompt without one, seen before)")
     return prompts
 
 

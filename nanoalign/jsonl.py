@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from nanoalign.errors import InputError
+from nanoalign.rundir import disk_errors, write_text
 
 
 def jsonl_lines(rows) -> str:
@@ -17,19 +18,25 @@ def write_jsonl(path, rows):
     """Write rows as JSONL, atomically: a reader (or a killed run) never sees half a file. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(jsonl_lines(rows))
-    os.replace(tmp, path)
+    write_text(path, jsonl_lines(rows))
     return path
+
+
+def read_json(path):
+    """One JSON document (config.json and the like); malformed JSON is an error naming the file and line."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 def write_json(path, obj):
     """Write obj as indented JSON, atomically; NaN or inf anywhere is an error (it is not JSON)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -69,7 +76,7 @@ class ResumableJsonl:
         """Write rows in one call and fsync: a row is on disk once this returns."""
         if not rows:
             return
-        with self.path.open("a") as f:
+        with disk_errors(self.path), self.path.open("a") as f:
             f.write(jsonl_lines(rows))
             f.flush()
             os.fsync(f.fileno())

@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from nanoalign.errors import InputError
-from nanoalign.model import load_model, resolve_model_dir
+from nanoalign.jsonl import read_json
+from nanoalign.model import load_model, read_safetensors, resolve_model_dir
+from nanoalign.rundir import atomic_path, write_text
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model (the HF model)
@@ -266,8 +268,9 @@ def save_adapter(model, name, out_dir, base_model_name_or_path=None) -> Path:
         tensors[f"{PEFT_PREFIX}{module_name}.lora_B.weight"] = a.lora_B.weight.detach().contiguous().cpu()  # [out, r]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:  # whole or absent, even after a kill
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return out_dir
 
 
@@ -285,7 +288,7 @@ def read_adapter_config(adapter_dir) -> dict:
     config_file = Path(adapter_dir) / CONFIG_FILE
     if not config_file.exists():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {adapter_dir}")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     if config.get("peft_type") != "LORA":
         raise InputError(f"{config_file}: peft_type {config.get('peft_type')!r} is not 'LORA'")
     unsupported = {k: config[k] for k in UNSUPPORTED if config.get(k) not in (None, False, "none", {}, [])}
@@ -317,7 +320,7 @@ def load_adapter(model, path, name=None, trainable=False) -> list:
     weights_file = adapter_dir / WEIGHTS_FILE
     if not weights_file.exists():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {adapter_dir} (only safetensors adapters are supported)")
-    tensors = load_file(str(weights_file))
+    tensors = read_safetensors(weights_file)
     module_names = [n for n, _ in _linears(model) if _peft_matches(n, config["target_modules"])]
     if not module_names:
         raise InputError(f"{adapter_dir}: target_modules {config['target_modules']} match no decoder layer")

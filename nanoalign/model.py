@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 from nanoalign.errors import InputError
+from nanoalign.jsonl import read_json
+from nanoalign.rundir import atomic_path, write_text
 
 SUPPORTED = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -76,6 +78,10 @@ class ModelConfig:
         required = [f.name for f in fields(cls) if f.name in REQUIRED and f.name not in kw]
         if required:
             raise InputError(f"{source}: missing field(s) {required}")
+        heads, kv_heads = kw["num_attention_heads"], kw["num_key_value_heads"]
+        if not (isinstance(kv_heads, int) and kv_heads > 0 and heads % kv_heads == 0):
+            raise InputError(f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                             f"({kv_heads})")
         return cls(**kw)
 
     def to_hf(self, architecture=None) -> dict:
@@ -103,7 +109,7 @@ def load_config(path) -> ModelConfig:
     config_file = resolve_model_dir(path) / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"no config.json in {config_file.parent}")
-    return ModelConfig.from_hf(json.loads(config_file.read_text()), source=str(config_file))
+    return ModelConfig.from_hf(read_json(config_file), source=str(config_file))
 
 
 # -----------------------------------------------------------------------------
@@ -427,7 +433,7 @@ def read_safetensors_dir(model_dir) -> dict:
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
     elif (model_dir / "model.safetensors").exists():
         shards = ["model.safetensors"]
     else:
@@ -436,8 +442,23 @@ def read_safetensors_dir(model_dir) -> dict:
     for shard in shards:
         if not (model_dir / shard).exists():
             raise FileNotFoundError(f"{model_dir / shard} is listed in {index.name} but missing")
-        tensors.update(load_file(str(model_dir / shard)))
+        tensors.update(read_safetensors(model_dir / shard))
     return tensors
+
+
+def read_safetensors(path) -> dict:
+    """load_file, with a truncated or foreign file named in one line instead of a SafetensorError."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError: header too small / incomplete metadata / invalid JSON in header
+        raise InputError(f"{path}: not a readable safetensors file, truncated or damaged? ({e})") from None
+
+
+def check_vocab(tokenizer_size: int, config: ModelConfig, tokenizer_name, model_name):
+    """A tokenizer with ids beyond the embedding rows would fail mid-run with an IndexError; say so at load."""
+    if tokenizer_size > config.vocab_size:
+        raise InputError(f"tokenizer {tokenizer_name} has {tokenizer_size} tokens but model {model_name} has only "
+                         f"{config.vocab_size} embedding rows (vocab_size): they do not belong together")
 
 
 def load_weights(module: nn.Module, tensors: dict, source, dtype, device, optional=()):
@@ -492,13 +513,15 @@ def save_model(model: nn.Module, out_dir, tokenizer_from=None, dtype=None, archi
     saved_dtype = next(iter(state.values())).dtype
     config = model.config.to_hf(architecture)
     config["torch_dtype"] = str(saved_dtype).removeprefix("torch.")
-    save_file({k: v.cpu() for k, v in state.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_path(out_dir / "model.safetensors") as tmp:  # whole or absent, even after a kill
+        save_file({k: v.cpu() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     if tokenizer_from is not None:
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_from) / name
             if src.exists() and src.resolve() != (out_dir / name).resolve():
-                shutil.copy(src, out_dir / name)
+                with atomic_path(out_dir / name) as tmp:
+                    shutil.copy(src, tmp)
         if (Path(tokenizer_from) / "tokenizer.json").exists():
             from nanoalign.chat import load_chat
             load_chat(tokenizer_from).save_for_export(out_dir)

@@ -1,5 +1,6 @@
 """What every training script needs and nothing more: DDP setup, precision, optimizer and schedule, progress bar,
 JSONL metrics, and checkpoints that resume exactly. The loops themselves live, flat, in the scripts."""
+import argparse
 import contextlib
 import json
 import math
@@ -17,6 +18,8 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # t
 from tqdm import tqdm
 
 from nanoalign.errors import InputError
+from nanoalign.jsonl import ResumableJsonl
+from nanoalign.rundir import MARKER, disk_errors, is_complete, latest_checkpoint, torch_save
 
 
 # -----------------------------------------------------------------------------
@@ -60,6 +63,33 @@ def one_line_errors(*extra_types):
         else:
             sys.__excepthook__(kind, value, tb)
     sys.excepthook = hook
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1 (`--batch-size 0` fails at parsing, naming the flag)."""
+    return _checked(text, int, lambda v: v >= 1, "an integer >= 1")
+
+
+def nonneg_int(text):
+    return _checked(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text):
+    return _checked(text, float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
+
+
+def nonneg_float(text):
+    return _checked(text, float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+
+
+def _checked(text, kind, ok, want):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+    return value
 
 
 # The oldest torch each call needs. The core path (SDPA with enable_gqa) sets pyproject.toml's floor; a flag whose
@@ -316,16 +346,21 @@ def rate(count, seconds, unit):
 
 
 class MetricsLog:
-    """Append one JSON object per line to `path` (rank 0 only); resuming appends, never truncates."""
+    """Append one JSON object per line to `path` (rank 0 only). A run that starts at `start_step` (a resume, or 0)
+    first drops the rows past that step (steps a killed run logged after its last checkpoint, which are about to
+    be redone), so the file holds one row per step."""
 
-    def __init__(self, path, enabled=True):
+    def __init__(self, path, enabled=True, start_step=0):
         self.path, self.enabled = Path(path), enabled
         if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            old = ResumableJsonl(self.path)  # drops a line cut off by a kill
+            keep = [r for r in old.rows if r.get("step", 0) <= start_step]
+            if len(keep) != len(old.rows):
+                old.rewrite(keep)  # atomic: a kill now leaves the old file or the new one
 
     def log(self, **row):
         if self.enabled:
-            with self.path.open("a") as f:
+            with disk_errors(self.path), self.path.open("a") as f:
                 f.write(json.dumps({k: _json_number(v) for k, v in row.items()}, allow_nan=False) + "\n")
 
 
@@ -355,37 +390,39 @@ def set_rng_state(state):
 
 
 def save_train_state(ckpt_dir, optimizer, scaler, step, **extra):
-    """Everything but the weights: optimizer moments, scaler, step, RNG (per rank) and any `extra` (e.g. args)."""
+    """Everything but the weights: optimizer moments, scaler, step, RNG (per rank) and any `extra` (e.g. args).
+    Written under a temporary name and renamed when whole (rundir.torch_save)."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", 0))
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+    torch_save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "rng": rng_state(), **extra}, ckpt_dir / f"train_state_rank{rank}.pt")
 
 
 def load_train_state(ckpt_dir, optimizer, scaler):
     path = Path(ckpt_dir) / f"train_state_rank{int(os.environ.get('RANK', 0))}.pt"
     if not path.exists():
-        raise FileNotFoundError(f"cannot resume: {path} not found")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+        raise FileNotFoundError(f"cannot resume: {path} not found (was the run saved with fewer ranks?)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # only reachable for a file damaged after it was written: ours are renamed in whole
+        raise InputError(f"cannot resume: {path} is unreadable ({type(e).__name__}); resume from an earlier "
+                         f"checkpoint") from None
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     return state
 
 
-def latest_checkpoint(out_dir):
-    """The newest `ckpt-<step>` dir under out_dir that finished writing (has a train state), or None."""
-    ckpts = [p for p in Path(out_dir).glob("ckpt-*") if list(p.glob("train_state_rank*.pt"))]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
 def resolve_resume(resume, out_dir):
-    """`--resume auto` picks the newest checkpoint in out_dir (or starts fresh); a path must exist."""
+    """`--resume auto` picks the newest complete checkpoint in out_dir (or starts fresh); a path must be complete."""
     if not resume:
         return None
     if resume == "auto":
         return latest_checkpoint(out_dir)
     if not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint dir")
+    if not is_complete(resume):
+        raise InputError(f"--resume {resume}: incomplete checkpoint (no {MARKER}: cut off while being written); "
+                         f"pick an earlier one or --resume auto")
     return Path(resume)

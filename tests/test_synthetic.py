@@ -215,6 +215,30 @@ def test_a_killed_run_redoes_the_partial_prompt(setup, toy_run, tmp_path):
     assert not (out / "samples.tmp").exists()
 
 
+def test_a_rerun_with_other_settings(setup, toy_run, tmp_path):
+    """Another --num-samples stops with one line and touches nothing (it used to rewrite samples.jsonl to 0 rows);
+    --min-gap only rebuilds the pairs, so it may change; --overwrite moves the earlier run aside and starts fresh."""
+    out = tmp_path / "rerun"
+    shutil.copytree(toy_run, out)
+    samples = (out / "samples.jsonl").read_bytes()
+    proc = gen(setup, out, *TOY_ARGS, "--num-samples", 2, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"error: {out} holds a run with other settings: --num-samples 2 (was 3); use another --out, or --overwrite to move its "
+        f"results to {out}/replaced-<time>/ and start fresh")
+    assert (out / "samples.jsonl").read_bytes() == samples
+
+    proc = gen(setup, out, *TOY_ARGS, "--min-gap", 0.9)
+    assert "8 prompts: 8 done before, 0 to sample" in proc.stdout and (out / "samples.jsonl").read_bytes() == samples
+
+    proc = gen(setup, out, *TOY_ARGS, "--num-samples", 2, "--overwrite")
+    assert "8 prompts: 0 done before, 8 to sample" in proc.stdout
+    (backup,) = out.glob("replaced-*")
+    assert (backup / "samples.jsonl").read_bytes() == samples
+    prompt_ids = groups(read_rows(backup / "samples.jsonl"))
+    assert Counter(r["prompt_id"] for r in read_rows(out / "samples.jsonl")) == {pid: 2 for pid in prompt_ids}
+
+
 def test_two_ranks_resume_a_one_process_run_with_the_same_files(setup, toy_run, tmp_path):
     """torchrun, 2 gloo ranks and another --batch-size, resuming a 1-process run killed mid-prompt: each rank
     samples its share into its own part, rank 0 merges, and every file is byte for byte the uninterrupted run's."""
@@ -228,7 +252,8 @@ def test_two_ranks_resume_a_one_process_run_with_the_same_files(setup, toy_run, 
     assert "8 prompts: 2 done before, 6 to sample on 2 ranks" in proc.stdout
     for name in ("samples.jsonl", "pairs.jsonl", "summary.json"):
         assert (out / name).read_bytes() == (toy_run / name).read_bytes(), name
-    assert sorted(p.name for p in out.iterdir()) == ["pairs.jsonl", "samples.jsonl", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "pairs.jsonl", "run_settings.json", "samples.jsonl",
+                                                     "summary.json"]
 
 
 # -----------------------------------------------------------------------------
@@ -408,6 +433,11 @@ def test_eval_model_vs_model_and_rerun(setup, tmp_path):
     proc = evaluate(setup, out, "--model-b", setup["seven"], "--name-b", "sevens")
     assert "8 prompts: 8 judged before, 0 to go" in proc.stdout
     assert (out / "per_prompt.jsonl").read_bytes() == judged and (out / "summary.json").read_bytes() == verdict
+    # another model B into the same --out: its verdicts would be the old model's; it stops, naming the flag
+    proc = evaluate(setup, out, "--model-b", setup["policy"], "--name-b", "sevens", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"--model-b {str(setup['policy'])!r} (was {str(setup['seven'])!r})" in proc.stderr.splitlines()[-1]
+    assert (out / "per_prompt.jsonl").read_bytes() == judged and (out / "summary.json").read_bytes() == verdict
 
     # 2 gloo ranks, sampled at temperature 1 (keyed by prompt): the same verdicts as one process
     sampled = ("--model-b", setup["seven"], "--name-b", "sevens", "--temperature", 1.0)
@@ -476,7 +506,8 @@ def test_ungradable_prompt_fails_before_sampling(setup, tmp_path):
     for name, proc in runs.items():
         assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == expected, (name, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and "to sample" not in proc.stdout and "to go" not in proc.stdout
-        assert not (tmp_path / name).exists()  # nothing sampled, nothing written
+        # nothing sampled, nothing written: only the dir's lock and the settings (which bind no later run)
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == [".lock", "run_settings.json"]
     proc = gen(setup, tmp_path / "top_p", "--reward", "toy", "--top-p", 0, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == \
         "error: need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1, got 0.8, 0, 0.0"

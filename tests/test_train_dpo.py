@@ -241,14 +241,15 @@ def test_precomputed_reference(setup, small, tmp_path):
     check_cache(used3)
 
     # a longer run on 1 rank: the 31 pairs are reused, the 3 new steps' 12 pairs computed and added to the file
-    proc = dpo(setup, out, "--max-steps", 6, "--eval-frac", SMALL_EVAL, "--batch-size", 4, "--precompute-ref")
+    proc = dpo(setup, out, "--max-steps", 6, "--eval-frac", SMALL_EVAL, "--batch-size", 4, "--precompute-ref",
+               "--overwrite")  # other settings: the earlier run is moved aside, ref_logps.pt stays
     assert "reference log-probs: 43 pairs used, 12 to compute" in proc.stdout and "stale" not in proc.stdout
     assert "reference log-probs of 12 pairs" in proc.stdout, proc.stdout
     assert read_metrics(out)[-6]["loss"] == pytest.approx(LN2, abs=1e-5)  # the cached reference is the model's
     check_cache(used_pairs(setup, 6, 4))
     # another --max-len is another truncation: stale, recomputed (only what this run uses)
     proc = dpo(setup, out, "--max-steps", 1, "--eval-frac", SMALL_EVAL, "--batch-size", 4, "--precompute-ref",
-               "--max-len", 768)
+               "--max-len", 768, "--overwrite")
     assert "stale" in proc.stdout and "23 pairs used, 23 to compute" in proc.stdout, proc.stdout
     assert read_metrics(out)[-1]["loss"] == pytest.approx(LN2, abs=1e-5)
 
@@ -303,8 +304,8 @@ def test_precompute_notices_a_retrained_adapter(setup, learned, small, tmp_path)
     shutil.copy(small / "big" / "final" / "adapter_model.safetensors", r1 / "adapter_model.safetensors")
     proc = dpo(setup, tmp_path / "r2", *args)
     assert "stale" in proc.stdout, proc.stdout
-    rows = read_metrics(tmp_path / "r2")
-    assert len(rows) == 2 and rows[1]["loss"] == pytest.approx(LN2, abs=1e-5)
+    rows = read_metrics(tmp_path / "r2")  # the rerun started at step 0 again: its row replaced the first run's
+    assert len(rows) == 1 and rows[0]["loss"] == pytest.approx(LN2, abs=1e-5)
 
 
 def test_sft_term_and_loss_types(setup, small, tmp_path):

@@ -1,0 +1,325 @@
+"""Runs that survive (nanoalign/rundir.py and its callers), each fault made for real: torn checkpoint files and a
+missing marker, a SIGKILL mid-run, a second process on the output dir, a full and a read-only tmpfs (skipped
+where no tmpfs can be mounted), rerun settings that differ, nonsense flags, damaged model and data files."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoalign import toy
+from nanoalign.chat import load_chat
+from nanoalign.data import prompt_records, read_records
+from nanoalign.model import CausalLM, ModelConfig, load_config, load_model, save_model
+from nanoalign.rundir import MARKER, latest_checkpoint
+from nanoalign.train import nonneg_int, positive_float, positive_int
+from tests.fixtures import ROOT, cached_toy_setup, max_weight_diff, read_metrics, read_weights, run_script
+
+FP32 = ("--device", "cpu", "--precision", "fp32")
+SFT = ("--lr", 1e-2, "--batch-size", 4, "--eval-frac", 0, "--no-pack")  # batches of conversations
+
+
+@pytest.fixture(scope="module")
+def toy_setup(tmp_path_factory):
+    return cached_toy_setup(tmp_path_factory)
+
+
+def sft(toy_setup, out, *args, check=True):
+    return run_script("train_sft.py", "--model", toy_setup.model, "--data", toy_setup.sft, "--out", out, *FP32,
+                      *args, check=check)
+
+
+def last_line(text):
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+def ckpt_dirs(out):
+    return sorted(p.name for p in Path(out).glob("ckpt-*"))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: torn files are never resumed, --keep-checkpoints, one metrics row per step
+
+def test_torn_checkpoints_are_skipped_and_only_n_kept(toy_setup, tmp_path):
+    """A kill leaves ckpt-8 with half a train state and ckpt-6 with a 0-byte one, neither with the marker, and
+    metrics rows up to step 7: --resume auto falls back to ckpt-4 and ends with the uninterrupted run's weights and
+    exactly one metrics row per step. --keep-checkpoints 3 leaves the newest 3."""
+    args = (*SFT, "--max-steps", 8, "--save-every", 2, "--keep-checkpoints", 3)
+    full_dir, out = tmp_path / "full", tmp_path / "resumed"
+    sft(toy_setup, full_dir, *args)
+    full = read_metrics(full_dir)
+    assert ckpt_dirs(full_dir) == ["ckpt-4", "ckpt-6", "ckpt-8"]
+    assert all((full_dir / c / MARKER).is_file() for c in ckpt_dirs(full_dir))
+
+    out.mkdir()
+    for name in ("ckpt-4", "ckpt-6", "ckpt-8", "run_settings.json"):
+        (shutil.copytree if name.startswith("ckpt") else shutil.copy)(full_dir / name, out / name)
+    state8 = out / "ckpt-8" / "train_state_rank0.pt"
+    state8.write_bytes(state8.read_bytes()[:state8.stat().st_size // 2])
+    (out / "ckpt-6" / "train_state_rank0.pt").write_bytes(b"")
+    for name in ("ckpt-6", "ckpt-8"):
+        (out / name / MARKER).unlink()
+    lines = (full_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:7]) + lines[7][:20])  # killed while logging step 8
+
+    proc = sft(toy_setup, out, *args, "--resume", "auto")
+    assert f"resumed from {out / 'ckpt-4'} at step 4" in proc.stdout
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for r, r_full in zip(rows[4:], full[4:]):
+        assert r["loss"] == pytest.approx(r_full["loss"], abs=1e-6), r["step"]
+    assert max_weight_diff(read_weights(out / "final"), read_weights(full_dir / "final")) < 1e-6
+    assert ckpt_dirs(out) == ["ckpt-4", "ckpt-6", "ckpt-8"]
+    assert all((out / c / MARKER).is_file() for c in ckpt_dirs(out))  # the torn ones were rewritten whole
+    assert not list(out.rglob(".*.tmp*"))
+
+    # resuming with another batch size and lr stops at once, naming both, and touches nothing
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    proc = sft(toy_setup, out, *args, "--resume", "auto", "--lr", 0.02, "--batch-size", 2, check=False)
+    line = last_line(proc.stderr)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert line.startswith(f"error: {out} holds a run with other settings: ") and "--overwrite" in line, line
+    assert "--lr 0.02 (was 0.01)" in line and "(--batch-size x --grad-accum x ranks) 2 (was 4)" in line, line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
+def test_explicit_resume_of_an_incomplete_checkpoint_is_one_line(toy_setup, tmp_path):
+    ckpt = tmp_path / "out" / "ckpt-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "train_state_rank0.pt").write_bytes(b"")
+    assert latest_checkpoint(tmp_path / "out") is None
+    proc = sft(toy_setup, tmp_path / "out", *SFT, "--max-steps", 2, "--resume", ckpt, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert last_line(proc.stderr) == (f"error: --resume {ckpt}: incomplete checkpoint (no {MARKER}: cut off while "
+                                      f"being written); pick an earlier one or --resume auto")
+
+
+def test_sigkill_mid_run_then_resume(toy_setup, tmp_path):
+    """A real SIGKILL once metrics passed step 7 (checkpoints every 2 steps, some possibly mid-write): the resumed
+    run starts at its newest complete checkpoint, and metrics.jsonl ends with one row per step."""
+    out = tmp_path / "killed"
+    steps = 40
+    args = (*SFT, "--max-steps", steps, "--save-every", 2, "--keep-checkpoints", 2, "--schedule", "constant")
+    cmd = [sys.executable, "train_sft.py", "--model", toy_setup.model, "--data", toy_setup.sft, "--out", out, *FP32,
+           *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([str(a) for a in cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            metrics = out / "metrics.jsonl"
+            if metrics.exists() and metrics.read_text().count("\n") >= 7:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    logged = len(read_metrics(out))
+    newest = latest_checkpoint(out)
+    assert newest is not None and int(newest.name.split("-")[1]) <= logged < steps
+
+    proc = sft(toy_setup, out, *args, "--resume", "auto")
+    assert f"resumed from {newest}" in proc.stdout
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, steps + 1))
+    assert ckpt_dirs(out) == [f"ckpt-{steps - 2}", f"ckpt-{steps}"]
+
+
+def test_torn_reference_cache_is_recomputed(toy_setup, tmp_path):
+    """--precompute-ref finds half a ref_logps.pt (a kill during the old torch.save): it says so and recomputes."""
+    out = tmp_path / "dpo"
+    out.mkdir()
+    torch.save({"fingerprint": {}, "logps": {str(i): (-1.0 * i, -2.0 * i) for i in range(500)}}, out / "ref_logps.pt")
+    data = (out / "ref_logps.pt").read_bytes()
+    (out / "ref_logps.pt").write_bytes(data[:len(data) // 2])
+    proc = run_script("train_dpo.py", "--model", toy_setup.model, "--data", toy_setup.prefs, "--out", out, *FP32,
+                      "--max-steps", 1, "--batch-size", 4, "--eval-frac", 0, "--save-every", 0, "--precompute-ref")
+    assert f"{out / 'ref_logps.pt'} is unreadable" in proc.stdout
+    cache = torch.load(out / "ref_logps.pt", weights_only=False)
+    assert len(cache["logps"]) >= 4 and cache["fingerprint"]["max_len"] == 1024  # at least the 4 pairs of step 1
+
+
+# -----------------------------------------------------------------------------
+# The output-dir lock
+
+def hold_lock(out):
+    """A second, real process that holds <out>/.lock (via rundir.lock_out_dir) until killed."""
+    code = ("import sys, time; from nanoalign.rundir import lock_out_dir; lock_out_dir(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_run_on_a_locked_out_dir_fails_at_once(toy_setup, tmp_path):
+    out = tmp_path / "out"
+    holder = hold_lock(out)
+    try:
+        expected = (f"error: {out} is in use by another run (pid {holder.pid}); wait for it to finish, or choose "
+                    f"another --out")
+        for nproc in (1, 2):  # under torchrun rank 0 holds the lock and every rank stops
+            t0 = time.time()
+            proc = run_script("train_sft.py", "--model", toy_setup.model, "--data", toy_setup.sft, "--out", out,
+                              *FP32, *SFT, "--max-steps", 2, nproc=nproc, check=False, timeout=120)
+            assert proc.returncode != 0 and (nproc > 1 or "Traceback" not in proc.stderr), proc.stderr
+            assert expected in proc.stderr.splitlines(), proc.stderr[-2000:]  # (then torchrun's own report)
+            assert time.time() - t0 < 60
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died: its lock went with it, and the next run takes the dir
+    holder = hold_lock(out)
+    holder.kill()
+    holder.wait()
+    assert (out / ".lock").read_text().strip() == str(holder.pid)
+
+
+# -----------------------------------------------------------------------------
+# A full disk and a read-only --out, on a real tmpfs
+
+@contextmanager
+def tmpfs(path, size, readonly=False):
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if readonly else "")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_full_disk_is_one_line_and_keeps_the_finished_checkpoint(toy_setup, tmp_path):
+    """A tmpfs with room for one checkpoint: ckpt-2 runs out of space; the run stops with one line naming the dir,
+    ckpt-1 stays complete (so --resume auto trusts it) and no temporary file is left."""
+    with tmpfs(tmp_path / "disk", "2200k") as disk:
+        out = disk / "run"
+        proc = sft(toy_setup, out, *SFT, "--max-steps", 3, "--save-every", 1, "--keep-checkpoints", 0, check=False)
+        line = last_line(proc.stderr)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert line.startswith(f"error: no space left on {out / 'ckpt-2'} (writing "), line
+        assert latest_checkpoint(out) == out / "ckpt-1"
+        assert not list(out.rglob(".*.tmp*"))
+        assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_read_only_out_is_one_line_before_any_work(toy_setup, tmp_path):
+    with tmpfs(tmp_path / "ro", "64k", readonly=True) as ro:
+        for script, args in (("train_sft.py", ("--model", toy_setup.model, "--data", toy_setup.sft)),
+                             ("gen_synthetic.py", ("--model", toy_setup.model, "--prompts", toy_setup.sft))):
+            proc = run_script(script, *args, "--out", ro / "run", *FP32, check=False)
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+            assert last_line(proc.stderr) == f"error: --out {ro / 'run'}: cannot write there (Read-only file system)"
+            assert proc.stdout == ""  # not even the data was read
+
+
+# -----------------------------------------------------------------------------
+# Nonsense flags
+
+def test_argument_types():
+    assert positive_int("3") == 3 and nonneg_int("0") == 0 and positive_float("1e-5") == 1e-5
+    for fn, text in ((positive_int, "0"), (positive_int, "-1"), (positive_int, "2.5"), (nonneg_int, "-3"),
+                     (positive_float, "0"), (positive_float, "nan"), (positive_float, "-0.1")):
+        with pytest.raises(Exception, match=f"must be .*, got '{text}'"):
+            fn(text)
+
+
+@pytest.mark.parametrize("script,flag,value,want", [
+    ("train_sft.py", "--grad-accum", "0", "an integer >= 1"),
+    ("train_dpo.py", "--beta", "-0.1", "a number > 0"),
+    ("gen_synthetic.py", "--num-samples", "0", "an integer >= 1"),
+    ("eval_winrate.py", "--batch-size", "0", "an integer >= 1"),
+])
+def test_nonsense_flags_are_rejected_at_parsing(script, flag, value, want, tmp_path):
+    required = {"train_sft.py": ("--model", "m", "--data", "d"), "train_dpo.py": ("--model", "m", "--data", "d"),
+                "gen_synthetic.py": ("--model", "m"), "eval_winrate.py": ("--model-a", "m", "--model-b", "m")}
+    proc = run_script(script, *required[script], "--out", tmp_path / "out", flag, value, check=False)
+    assert proc.returncode == 2
+    assert last_line(proc.stderr).endswith(f"error: argument {flag}: must be {want}, got '{value}'"), proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# Damaged model, tokenizer and data files: one line each, naming the file
+
+def model_dir(toy_setup, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(toy_setup.model, path)
+    return path
+
+
+def test_damaged_model_files(toy_setup, tmp_path):
+    path = model_dir(toy_setup, tmp_path)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    for torn in (data[:len(data) // 2], b""):
+        weights.write_bytes(torn)
+        with pytest.raises(ValueError, match=f"^{weights}: not a readable safetensors file, truncated or damaged"):
+            load_model(path)
+    weights.write_bytes(data)
+
+    config = path / "config.json"
+    text = config.read_text()
+    config.write_text(text[:len(text) // 2])
+    with pytest.raises(ValueError, match=f"^{config}:\\d+: malformed JSON"):
+        load_config(path)
+    config.write_text(text.replace('"num_key_value_heads": 2', '"num_key_value_heads": 3'))
+    with pytest.raises(ValueError, match=f"^{config}: num_attention_heads \\(4\\) must be a multiple of "
+                                         f"num_key_value_heads \\(3\\)"):
+        load_config(path)
+
+    tokenizer = path / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text()[:100])
+    with pytest.raises(ValueError, match=f"^{tokenizer}: not a readable tokenizer.json"):
+        load_chat(path)
+
+
+def test_tokenizer_larger_than_the_model_is_one_line_at_load(toy_setup, tmp_path):
+    chat = load_chat(toy_setup.tokenizer)
+    rows = chat.vocab_size - 12
+    config = toy.tiny_config(rows, bos_token_id=chat.endoftext_id, eos_token_id=chat.im_end_id)
+    small = save_model(CausalLM(ModelConfig.from_hf(config)).init_weights(seed=0), tmp_path / "small")
+    proc = run_script("train_sft.py", "--model", small, "--tokenizer", toy_setup.tokenizer, "--data", toy_setup.sft,
+                      "--out", tmp_path / "out", *FP32, *SFT, "--max-steps", 1, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last_line(proc.stderr) == (f"error: tokenizer {toy_setup.tokenizer} has {chat.vocab_size} tokens but model "
+                                      f"{small} has only {rows} embedding rows (vocab_size): they do not belong "
+                                      f"together")
+
+
+def read_all(path):
+    return list(read_records(path))
+
+
+def test_unclear_data_files_get_clear_lines(tmp_path, capsys):
+    row = json.dumps({"prompt": "What is 2+2?"})
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(f"{row}\n{row}\n".encode() + '{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"^{bad}:3: not UTF-8 text \\(byte 0xe9\\)"):
+        read_all(bad)
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n  \n\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"^{tmp_path / name}: (empty file|only blank lines) \\(no rows\\)"):
+            read_all(tmp_path / name)
+    pretty = tmp_path / "pretty.jsonl"
+    pretty.write_text(json.dumps({"prompt": "What is 2+2?", "chosen": "4"}, indent=2))
+    with pytest.raises(ValueError, match=f"^{pretty}: one JSON object spread over several lines"):
+        read_all(pretty)
+
+    dupes = tmp_path / "dupes.jsonl"
+    dupes.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "a"}, {"prompt": "b"}, {"prompt": "a"}, {"prompt_id": "x", "prompt": "c"},
+        {"prompt_id": "x", "prompt": "d"}]))
+    assert [m[0]["content"] for _, m in prompt_records(read_records(dupes))] == ["a", "b", "c"]
+    assert "prompts: dropped 2 duplicate(s)" in capsys.readouterr().out
