@@ -85,9 +85,11 @@ def test_every_recipe_runs_in_smoke_mode(tmp_path):
     # E's near-duplicate filter, rebuilt from the samples on disk with a strict threshold (no sampling: all done)
     synth = tmp_path / "E_004/synth"
     samples = [json.loads(line) for line in (synth / "samples.jsonl").read_text().splitlines()]
-    run_script("gen_synthetic.py", "--model", "unused", "--prompts", tmp_path / "E_004/smoke/data/gen_prompts.jsonl",
-               "--max-prompts", 8, "--num-samples", 4, "--min-gap", 0, "--keep-truncated", "--reward", "toy",
-               "--max-similarity", 0.0, "--out", synth)
+    # (the sampling settings as the recipe recorded them in run_settings.json; the pair filters may change)
+    run_script("gen_synthetic.py", "--model", tmp_path / "E_004/sft/final", "--prompts",
+               tmp_path / "E_004/smoke/data/gen_prompts.jsonl", "--max-prompts", 8, "--num-samples", 4,
+               "--temperature", 1.0, "--top-p", 1.0, "--max-new-tokens", 32, "--precision", "fp32", "--min-gap", 0,
+               "--keep-truncated", "--reward", "toy", "--max-similarity", 0.0, "--out", synth)
     summary = json.loads((synth / "summary.json").read_text())
     by_prompt = {}
     for s in samples:
