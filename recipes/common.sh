@@ -46,3 +46,5 @@ dpo() { launch train_dpo.py "$@" "${TRAIN_SMOKE[@]}" "${DPO_SMOKE[@]}"; }
 # sampling and judging run as one process (they shard nothing yet)
 synth() { "$PYTHON" "$ROOT/gen_synthetic.py" --reward "$REWARD" "$@" "${SYNTH_SMOKE[@]}"; }
 winrate() { "$PYTHON" "$ROOT/eval_winrate.py" --reward "$REWARD" "$@" "${EVAL_SMOKE[@]}"; }
+# pairs written by a chat model (C (ii), D), only when $PAIR_WRITER_URL is set (key in $OPENAI_API_KEY)
+pairwriter() { "$PYTHON" "$ROOT/gen_pairs_chat.py" --url "$PAIR_WRITER_URL" "$@"; }

@@ -12,7 +12,7 @@ import torch
 from nanoalign.losses import dpo_loss
 from nanoalign.preferences import text_similarity
 from nanoalign.train import beta_at, lr_at
-from tests.fixtures import ROOT, read_metrics, run_script
+from tests.fixtures import ROOT, json_server, read_metrics, run_script
 
 RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.sh") if p.name != "common.sh")
 
@@ -50,13 +50,22 @@ def test_text_similarity_by_hand():
     assert text_similarity("9", "7") == 0.0 and text_similarity("", "") == 0.0
 
 
+def gpt_pair(path, headers, body):
+    """A stub chat model writing D's JSON pairs: the right digit sum as chosen, one off as rejected."""
+    return 200, {"choices": [{"message": {"role": "assistant", "content": '{"chosen": "9", "rejected": "8"}'}}]}
+
+
 @pytest.mark.slow
 def test_every_recipe_runs_in_smoke_mode(tmp_path):
     assert RECIPES == ["A_000.sh", "B_001.sh", "C_002.sh", "D_003.sh", "E_004.sh"]
     for recipe in RECIPES:
         out = tmp_path / recipe[:-3]
-        proc = subprocess.run(["bash", str(ROOT / "recipes" / recipe), "--smoke"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=600, env={**os.environ, "OUT": str(out)})
+        env = {**os.environ, "OUT": str(out)}
+        with json_server(gpt_pair) as url:  # D also runs its GPT-4o-pairs stage, against the stub
+            if recipe == "D_003.sh":
+                env["PAIR_WRITER_URL"] = url
+            proc = subprocess.run(["bash", str(ROOT / "recipes" / recipe), "--smoke"], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=600, env=env)
         assert proc.returncode == 0, f"{recipe}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
         evals = sorted(out.glob("eval_*/summary.json"))
         assert evals, recipe
@@ -64,6 +73,8 @@ def test_every_recipe_runs_in_smoke_mode(tmp_path):
             assert json.loads(path.read_text())["n"] == 4
         for card in out.glob("*/final/README.md"):
             assert "--smoke" not in card.read_text()  # the card names the script's own command
+    assert len((tmp_path / "D_003/gpt_pairs/pairs.jsonl").read_text().splitlines()) == 8
+    assert (tmp_path / "D_003/eval_dpo_gpt_vs_sft/summary.json").exists()
     # the paper settings reached the runs: A's step-halving lr, E's beta ramp and margin clamp
     assert "| schedule | `step` |" in (tmp_path / "A_000/dpo/final/README.md").read_text()
     assert read_metrics(tmp_path / "A_000/dpo")[0]["lr"] == 1e-6
@@ -74,9 +85,11 @@ def test_every_recipe_runs_in_smoke_mode(tmp_path):
     # E's near-duplicate filter, rebuilt from the samples on disk with a strict threshold (no sampling: all done)
     synth = tmp_path / "E_004/synth"
     samples = [json.loads(line) for line in (synth / "samples.jsonl").read_text().splitlines()]
-    run_script("gen_synthetic.py", "--model", "unused", "--prompts", tmp_path / "E_004/smoke/data/gen_prompts.jsonl",
-               "--max-prompts", 8, "--num-samples", 4, "--min-gap", 0, "--keep-truncated", "--reward", "toy",
-               "--max-similarity", 0.0, "--out", synth)
+    # (the sampling settings as the recipe recorded them in run_settings.json; the pair filters may change)
+    run_script("gen_synthetic.py", "--model", tmp_path / "E_004/sft/final", "--prompts",
+               tmp_path / "E_004/smoke/data/gen_prompts.jsonl", "--max-prompts", 8, "--num-samples", 4,
+               "--temperature", 1.0, "--top-p", 1.0, "--max-new-tokens", 32, "--precision", "fp32", "--min-gap", 0,
+               "--keep-truncated", "--reward", "toy", "--max-similarity", 0.0, "--out", synth)
     summary = json.loads((synth / "summary.json").read_text())
     by_prompt = {}
     for s in samples:
