@@ -63,15 +63,20 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 # grad_logits = g * (onehot(target) - softmax), built in place on the logits buffer
                 grad_logits = logits.sub_(lse[s:e, None]).exp_().mul_(-gs)
                 grad_logits.scatter_add_(1, targets[s:e, None], gs)
-                grad_logits = grad_logits.to(hidden.dtype)
-                if need_hidden:
-                    grad_hidden[s:e] = grad_logits @ weight  # [c, d]
-                if need_weight:
-                    grad_weight += grad_logits.T @ h  # [V, d], fp32 accumulation across chunks
+                _backprop_chunk(grad_logits, h, weight, grad_hidden, grad_weight, s, e)
                 del logits, grad_logits
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
+
+
+def _backprop_chunk(grad_logits, h, weight, grad_hidden, grad_weight, s, e):
+    """Rows s:e's logits gradient [c, V] into grad_hidden[s:e] and, summed over chunks, grad_weight (None: skip)."""
+    grad_logits = grad_logits.to(h.dtype)
+    if grad_hidden is not None:
+        grad_hidden[s:e] = grad_logits @ weight  # [c, d]
+    if grad_weight is not None:
+        grad_weight += grad_logits.T @ h  # [V, d], fp32 accumulation across chunks
 
 
 class _ChunkedLogpSum(torch.autograd.Function):
@@ -99,11 +104,7 @@ class _ChunkedLogpSum(torch.autograd.Function):
                 # d(sum logp)/d logits = onehot(target) - softmax, built in place on the logits buffer
                 grad_logits = logits.sub_(lse).exp_().neg_()
                 grad_logits.scatter_add_(1, t, torch.ones_like(lse))
-                grad_logits = grad_logits.to(hidden.dtype)
-                if need_hidden:
-                    grad_hidden[s:e] = grad_logits @ weight  # [c, d]
-                if need_weight:
-                    grad_weight += grad_logits.T @ h  # [V, d], fp32 accumulation across chunks
+                _backprop_chunk(grad_logits, h, weight, grad_hidden, grad_weight, s, e)
                 del logits, grad_logits
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
