@@ -37,7 +37,7 @@ from nanoalign.model import check_vocab
 from nanoalign.preferences import win_rate
 from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
 from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
-from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int,
+from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int, probability,
                              one_line_errors, positive_int, print0, rate, setup_distributed)
 
 # -----------------------------------------------------------------------------
@@ -56,8 +56,8 @@ parser.add_argument("--prompts-config", default=None)
 parser.add_argument("--max-prompts", type=nonneg_int, default=0)
 parser.add_argument("--max-prompt-len", type=positive_int, default=1024)
 parser.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
-parser.add_argument("--top-p", type=float, default=1.0)
-parser.add_argument("--top-k", type=int, default=0)
+parser.add_argument("--top-p", type=probability, default=1.0)
+parser.add_argument("--top-k", type=nonneg_int, default=0)
 parser.add_argument("--max-new-tokens", type=positive_int, default=256)
 parser.add_argument("--batch-size", type=positive_int, default=64,
                     help="prompts per round: sequences decoded together for each side, then scored and written")
@@ -81,9 +81,6 @@ args = parser.parse_args()
 one_line_errors(RewardServerError, PolicyServerError, RewardError)
 if (args.model_b is None) == (args.responses_b is None):
     raise InputError("give exactly one of --model-b and --responses-b")
-if not (args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
-    raise InputError(f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1, got {args.temperature}, "
-                     f"{args.top_k}, {args.top_p}")
 # -----------------------------------------------------------------------------
 
 d = setup_distributed(args.device)

@@ -32,14 +32,13 @@ from nanoalign.chat import load_chat
 from nanoalign.completions import HttpPolicy, PolicyServerError
 from nanoalign.data import prompt_records, read_records
 from nanoalign.engine import Engine
-from nanoalign.errors import InputError
 from nanoalign.jsonl import ShardedJsonl, write_json, write_jsonl
 from nanoalign.lora import load_merged
 from nanoalign.model import check_vocab
 from nanoalign.preferences import best_worst_pair, text_similarity
 from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
 from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
-from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int,
+from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int, probability,
                              one_line_errors, positive_int, print0, rate, setup_distributed)
 
 # -----------------------------------------------------------------------------
@@ -54,8 +53,8 @@ parser.add_argument("--max-prompts", type=nonneg_int, default=0, help="use the f
 parser.add_argument("--max-prompt-len", type=positive_int, default=1024, help="prompts keep their last this-many tokens")
 parser.add_argument("--num-samples", type=positive_int, default=4, help="samples per prompt")
 parser.add_argument("--temperature", type=nonneg_float, default=0.8)
-parser.add_argument("--top-p", type=float, default=0.95)
-parser.add_argument("--top-k", type=int, default=0)
+parser.add_argument("--top-p", type=probability, default=0.95)
+parser.add_argument("--top-k", type=nonneg_int, default=0)
 parser.add_argument("--max-new-tokens", type=positive_int, default=256)
 parser.add_argument("--batch-size", type=positive_int, default=16,
                     help="prompts in flight (batch-size x num-samples sequences decoded together) and per round of scoring")
@@ -85,9 +84,6 @@ add_flags(parser)
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
 one_line_errors(RewardServerError, PolicyServerError, RewardError)
-if not (args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
-    raise InputError(f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1, got {args.temperature}, "
-                     f"{args.top_k}, {args.top_p}")
 # -----------------------------------------------------------------------------
 
 d = setup_distributed(args.device)

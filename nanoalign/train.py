@@ -82,6 +82,10 @@ def nonneg_float(text):
     return _checked(text, float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 
 
+def probability(text):
+    return _checked(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
 def _checked(text, kind, ok, want):
     try:
         value = kind(text)

@@ -19,7 +19,7 @@ from nanoalign.chat import load_chat
 from nanoalign.data import prompt_records, read_records
 from nanoalign.model import CausalLM, ModelConfig, load_config, load_model, save_model
 from nanoalign.rundir import MARKER, latest_checkpoint
-from nanoalign.train import nonneg_int, positive_float, positive_int
+from nanoalign.train import nonneg_int, positive_float, positive_int, probability
 from tests.fixtures import ROOT, cached_toy_setup, max_weight_diff, read_metrics, read_weights, run_script
 
 FP32 = ("--device", "cpu", "--precision", "fp32")
@@ -229,8 +229,10 @@ def test_read_only_out_is_one_line_before_any_work(toy_setup, tmp_path):
 
 def test_argument_types():
     assert positive_int("3") == 3 and nonneg_int("0") == 0 and positive_float("1e-5") == 1e-5
+    assert probability("1") == 1.0 and probability("0.95") == 0.95
     for fn, text in ((positive_int, "0"), (positive_int, "-1"), (positive_int, "2.5"), (nonneg_int, "-3"),
-                     (positive_float, "0"), (positive_float, "nan"), (positive_float, "-0.1")):
+                     (positive_float, "0"), (positive_float, "nan"), (positive_float, "-0.1"),
+                     (probability, "0"), (probability, "1.5"), (probability, "nan")):
         with pytest.raises(Exception, match=f"must be .*, got '{text}'"):
             fn(text)
 
@@ -240,6 +242,8 @@ def test_argument_types():
     ("train_dpo.py", "--beta", "-0.1", "a number > 0"),
     ("gen_synthetic.py", "--num-samples", "0", "an integer >= 1"),
     ("eval_winrate.py", "--batch-size", "0", "an integer >= 1"),
+    ("eval_winrate.py", "--top-p", "1.5", "a number in (0, 1]"),
+    ("gen_synthetic.py", "--top-k", "-1", "an integer >= 0"),
 ])
 def test_nonsense_flags_are_rejected_at_parsing(script, flag, value, want, tmp_path):
     required = {"train_sft.py": ("--model", "m", "--data", "d"), "train_dpo.py": ("--model", "m", "--data", "d"),

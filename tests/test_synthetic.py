@@ -509,8 +509,9 @@ def test_ungradable_prompt_fails_before_sampling(setup, tmp_path):
         # nothing sampled, nothing written: only the dir's lock and the settings (which bind no later run)
         assert sorted(p.name for p in (tmp_path / name).iterdir()) == [".lock", "run_settings.json"]
     proc = gen(setup, tmp_path / "top_p", "--reward", "toy", "--top-p", 0, check=False)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == \
-        "error: need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1, got 0.8, 0, 0.0"
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
+        "error: argument --top-p: must be a number in (0, 1], got '0'"), proc.stderr
+    assert not (tmp_path / "top_p").exists()
 
 
 # -----------------------------------------------------------------------------
