@@ -43,7 +43,8 @@ def wilson_interval(wins, n, z=1.959964):
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)  # exact ends are 0 or 1; rounding must not cross
+    # at wins = 0 or n an exact end is p itself (0 or 1); rounding must not put it outside [0, 1] or past p
+    return max(0.0, min(p, center - half)), min(1.0, max(p, center + half))
 
 
 def win_rate(scores_a, scores_b, tie_eps=0.0):

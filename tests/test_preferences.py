@@ -95,6 +95,9 @@ def test_wilson_bounds_stay_in_the_unit_interval():
         for wins in (0, n):
             low, high = wilson_interval(wins, n)
             assert 0.0 <= low <= high <= 1.0 and f"{low:.3f}"[0] != "-"
+            # the interval holds the observed rate: 136 of 136 gave high 0.9999999999999999 < 1.0, and the
+            # demo's error bar (high - win_rate) came out negative
+            assert low <= wins / n <= high, (wins, n, low, high)
 
 
 @pytest.mark.parametrize("wins,n", [(0, 5), (3, 7), (30, 40), (99, 100), (100, 100)])
