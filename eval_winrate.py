@@ -38,7 +38,8 @@ from nanoalign.preferences import win_rate
 from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
 from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
 from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int, probability,
-                             one_line_errors, positive_int, print0, rate, setup_distributed)
+                             one_line_errors, positive_int, print0, random_seed, rate, setup_distributed,
+                             timeout_seconds)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,15 +66,16 @@ parser.add_argument("--eager", action="store_true", help="no torch.compile / CUD
 parser.add_argument("--policy-url-a", default=None, help="A's answers from an OpenAI-compatible completions server "
                     "(vLLM/SGLang, base URL …/v1) instead of loading --model-a, which names the model there")
 parser.add_argument("--policy-url-b", default=None, help="the same for B (--model-b names the model there)")
-parser.add_argument("--policy-concurrency", type=int, default=32, help="--policy-url-*: requests in flight")
-parser.add_argument("--policy-retries", type=int, default=4, help="--policy-url-*: retries of a failed request")
-parser.add_argument("--policy-timeout", type=float, default=600, help="--policy-url-*: seconds per request")
+parser.add_argument("--policy-concurrency", type=positive_int, default=32, help="--policy-url-*: requests in flight")
+parser.add_argument("--policy-retries", type=nonneg_int, default=4, help="--policy-url-*: retries of a failed request")
+parser.add_argument("--policy-timeout", type=timeout_seconds, default=600,
+                    help="--policy-url-*: seconds per request, > 0 and at most 1e9")
 add_reward_args(parser)
-parser.add_argument("--tie-eps", type=float, default=0.0, help="|score A - score B| <= this is a tie")
+parser.add_argument("--tie-eps", type=nonneg_float, default=0.0, help="|score A - score B| <= this (>= 0) is a tie")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                     help="dtype of the policies, and of a local reward model unless --reward-dtype "
                          "(default: bf16 on a GPU with bf16, else fp32)")
-parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--seed", type=random_seed, default=0, help="an integer in [0, 2^63 - 1]")
 parser.add_argument("--out", required=True)
 add_flags(parser)
 parser.add_argument("--device", default=None)

@@ -24,7 +24,7 @@ from nanoalign.endpoint import ClientError, Endpoint, EndpointError, JsonlCache,
 from nanoalign.errors import InputError
 from nanoalign.jsonl import write_json, write_jsonl
 from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
-from nanoalign.train import nonneg_int, one_line_errors, positive_int
+from nanoalign.train import Number, nonneg_int, one_line_errors, positive_int, timeout_seconds
 
 TEMPLATE = """Write two answers to the user's message below, for training a model on preferences.
 "chosen": a correct, helpful, complete answer, reasoning step by step where that helps.
@@ -44,12 +44,13 @@ parser.add_argument("--prompts", default="HuggingFaceH4/ultrafeedback_binarized"
 parser.add_argument("--prompts-split", default="train_gen")
 parser.add_argument("--prompts-config", default=None)
 parser.add_argument("--max-prompts", type=nonneg_int, default=0, help="use the first this-many prompts (0 = all)")
-parser.add_argument("--temperature", type=float, default=0.7)
+parser.add_argument("--temperature", type=Number(0, 2), default=0.7, help="in [0, 2], as OpenAI's API takes it")
 parser.add_argument("--max-tokens", type=positive_int, default=2048, help="reply budget (both answers together)")
 parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
 parser.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight")
 parser.add_argument("--retries", type=nonneg_int, default=4, help="retries of a failed request (5xx, 429, timeout)")
-parser.add_argument("--timeout", type=float, default=300, help="seconds per request, all of it")
+parser.add_argument("--timeout", type=timeout_seconds, default=300,
+                    help="seconds per request, all of it; > 0 and at most 1e9")
 parser.add_argument("--out", required=True)
 add_flags(parser)
 args = parser.parse_args()

@@ -39,7 +39,8 @@ from nanoalign.preferences import best_worst_pair, text_similarity
 from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
 from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
 from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int, probability,
-                             one_line_errors, positive_int, print0, rate, setup_distributed)
+                             one_line_errors, positive_int, print0, random_seed, rate, setup_distributed,
+                             timeout_seconds, zero_to_one)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,13 +64,15 @@ parser.add_argument("--policy-url", default=None,
                     help="sample from an OpenAI-compatible completions server (vLLM/SGLang) at this base URL (…/v1) "
                          "instead of loading --model; key, if any, from $OPENAI_API_KEY")
 parser.add_argument("--policy-model", default=None, help="model name at --policy-url (default: --model)")
-parser.add_argument("--policy-concurrency", type=int, default=32, help="--policy-url: requests in flight")
-parser.add_argument("--policy-retries", type=int, default=4, help="--policy-url: retries of a failed request")
-parser.add_argument("--policy-timeout", type=float, default=600, help="--policy-url: seconds per request")
+parser.add_argument("--policy-concurrency", type=positive_int, default=32, help="--policy-url: requests in flight")
+parser.add_argument("--policy-retries", type=nonneg_int, default=4, help="--policy-url: retries of a failed request")
+parser.add_argument("--policy-timeout", type=timeout_seconds, default=600,
+                    help="--policy-url: seconds per request, > 0 and at most 1e9")
 add_reward_args(parser)
-parser.add_argument("--min-gap", type=float, default=0.0, help="keep a pair only if best - worst score >= this")
-parser.add_argument("--max-similarity", type=float, default=1.0,
-                    help="drop a pair whose chosen and rejected are more alike than this (cosine of word counts; 1 = keep all)")
+parser.add_argument("--min-gap", type=nonneg_float, default=0.0, help="keep a pair only if best - worst score >= this")
+parser.add_argument("--max-similarity", type=zero_to_one, default=1.0,
+                    help="drop a pair whose chosen and rejected are more alike than this, in [0, 1] (cosine of word "
+                         "counts; 1 = keep all)")
 parser.add_argument("--drop-empty", action="store_true", help="never use an empty completion in a pair")
 parser.add_argument("--drop-truncated", action="store_true", default=True,
                     help="never use a completion cut at --max-new-tokens in a pair (the default)")
@@ -78,7 +81,7 @@ parser.add_argument("--keep-truncated", dest="drop_truncated", action="store_fal
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                     help="dtype of the policies, and of a local reward model unless --reward-dtype "
                          "(default: bf16 on a GPU with bf16, else fp32)")
-parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--seed", type=random_seed, default=0, help="an integer in [0, 2^63 - 1]")
 parser.add_argument("--out", required=True)
 add_flags(parser)
 parser.add_argument("--device", default=None)

@@ -33,15 +33,12 @@ from nanoalign.model import check_vocab, load_model, resolve_model_dir, save_mod
 from nanoalign.report import REPORT_TO, open_tracker, write_model_card
 from nanoalign.rundir import (add_flags, check_settings, checkpoint, lock_out_dir, settings_from, torch_load_or_none,
                               torch_save, write_text)
-from nanoalign.train import (DTYPES, DivergenceGuard, MetricsLog, Progress, all_reduce_sum, autocast, beta_at,
-                             check_finite_weights, choose_precision, cleanup_distributed, load_train_state, lr_at,
-                             make_optimizer, make_scaler, maybe_no_sync, nonneg_float, nonneg_int, one_line_errors,
-                             optimizer_step, positive_float, positive_int, print0, rate, resolve_resume,
-                             save_train_state, set_lr, setup_distributed, track, wrap_ddp)
-
-
-def number_list(text):  # argparse names the flag and this function in its error: "invalid number_list value"
-    return [float(w) for w in text.split(",")]
+from nanoalign.train import (DTYPES, DivergenceGuard, MetricsLog, Number, Progress, Weights, all_reduce_sum, autocast,
+                             beta_at, check_finite_weights, choose_precision, cleanup_distributed, fraction,
+                             load_train_state, lr_at, make_optimizer, make_scaler, maybe_no_sync, nonneg_float,
+                             nonneg_int, one_line_errors, optimizer_step, positive_float, positive_int, print0,
+                             random_seed, rate, resolve_resume, save_train_state, set_lr, setup_distributed, track,
+                             wrap_ddp, zero_to_one)
 
 
 # -----------------------------------------------------------------------------
@@ -50,44 +47,47 @@ parser.add_argument("--model", required=True, help="the SFT model: HF dir or hub
 parser.add_argument("--adapter", action="append", default=[], help="earlier LoRA adapter(s) to stack under the new one, frozen (repeatable, in order)")
 parser.add_argument("--tokenizer", default=None, help="tokenizer dir or hub id (default: --model)")
 parser.add_argument("--data", action="append", required=True, help="preference source: file, dir or hub id (repeatable)")
-parser.add_argument("--data-weights", default=None, type=number_list,
-                    help="comma-separated mixing weights, one per --data (default all 1)")
+parser.add_argument("--data-weights", default=None, type=Weights(),
+                    help="comma-separated mixing weights >= 0 (not all 0), one per --data (default all 1)")
 parser.add_argument("--data-split", default="train")
 parser.add_argument("--data-config", default=None)
 parser.add_argument("--out", required=True)
 parser.add_argument("--max-len", type=positive_int, default=1024, help="longest prompt + response in tokens")
 parser.add_argument("--max-prompt-len", type=positive_int, default=None,
                     help="prompts keep their last this-many tokens (default: half of --max-len)")
-parser.add_argument("--eval-frac", type=float, default=0.02)
+parser.add_argument("--eval-frac", type=fraction, default=0.02, help="share of each source held out, in [0, 1)")
 parser.add_argument("--beta", type=positive_float, default=0.1)
 parser.add_argument("--beta-warmup-steps", type=nonneg_int, default=0, help="ramp beta linearly from beta/N to beta over the first N steps")
 parser.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid")
-parser.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO (sigmoid only)")
-parser.add_argument("--margin-clamp", type=float, default=0.0,
+parser.add_argument("--label-smoothing", type=Number(0, 0.5, hi_open=True), default=0.0,
+                    help="conservative DPO (sigmoid only): the share of pairs taken as mislabelled, in [0, 0.5)")
+parser.add_argument("--margin-clamp", type=nonneg_float, default=0.0,
                     help="clamp the DPO margin (log-ratio difference, before beta) to [-C, C]; 0 = off")
-parser.add_argument("--sft-weight", type=float, default=0.0, help="add this x NLL of the chosen responses (keeps chosen log-probs up)")
+parser.add_argument("--sft-weight", type=nonneg_float, default=0.0, help="add this x NLL of the chosen responses (keeps chosen log-probs up)")
 parser.add_argument("--ref", default=None, help="a separate reference model (default: --model + --adapter, new adapter off)")
 parser.add_argument("--precompute-ref", action="store_true",
                     help="compute the reference log-probs of the pairs this run uses once, before training, into "
                          "<out>/ref_logps.pt (a later run with the same reference reuses it and adds what it lacks)")
-parser.add_argument("--lora-r", type=int, default=8)
-parser.add_argument("--lora-alpha", type=float, default=16)
-parser.add_argument("--lora-dropout", type=float, default=0.0)
+parser.add_argument("--lora-r", type=positive_int, default=8)
+parser.add_argument("--lora-alpha", type=positive_float, default=16, help="the adapter's output is scaled by alpha / r")
+parser.add_argument("--lora-dropout", type=fraction, default=0.0, help="dropout on the adapter's input, in [0, 1)")
 parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
 parser.add_argument("--batch-size", type=positive_int, default=4, help="pairs per micro-batch per rank")
 parser.add_argument("--grad-accum", type=positive_int, default=1)
 parser.add_argument("--epochs", type=positive_float, default=1.0)
 parser.add_argument("--max-steps", type=nonneg_int, default=0)
 parser.add_argument("--lr", type=positive_float, default=5e-5)
-parser.add_argument("--min-lr-ratio", type=nonneg_float, default=0.0)
+parser.add_argument("--min-lr-ratio", type=zero_to_one, default=0.0, help="the LR decays to lr x this, in [0, 1]")
 parser.add_argument("--schedule", choices=["cosine", "linear", "constant", "step"], default="cosine",
                     help="step: lr x --lr-step-gamma every --lr-step-every epochs (StepLR)")
-parser.add_argument("--lr-step-every", type=float, default=0.2, help="--schedule step: epochs between lr drops")
-parser.add_argument("--lr-step-gamma", type=float, default=0.5, help="--schedule step: lr factor at each drop")
+parser.add_argument("--lr-step-every", type=positive_float, default=0.2,
+                    help="--schedule step: epochs between lr drops")
+parser.add_argument("--lr-step-gamma", type=Number(0, 1, lo_open=True), default=0.5,
+                    help="--schedule step: lr factor at each drop, in (0, 1]")
 parser.add_argument("--warmup-steps", type=nonneg_int, default=0)
 parser.add_argument("--weight-decay", type=nonneg_float, default=0.0)
 parser.add_argument("--clip", type=nonneg_float, default=1.0)
-parser.add_argument("--max-bad-steps", type=int, default=3,
+parser.add_argument("--max-bad-steps", type=nonneg_int, default=3,
                     help="stop after this many steps in a row with a non-finite loss or gradient norm, each skipped "
                          "(0 = never stop; fp16 overflows the GradScaler skips do not count)")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
@@ -99,7 +99,7 @@ parser.add_argument("--compile", action="store_true")
 parser.add_argument("--pack", action="store_true",
                     help="pack the chosen and rejected sequences of a micro-batch into rows of --max-len (each "
                          "attending only to itself): no padding but each row's end, the same log-probs")
-parser.add_argument("--chunk-size", type=int, default=1024)
+parser.add_argument("--chunk-size", type=positive_int, default=1024, help="rows per chunk of the lm_head + log-probs")
 parser.add_argument("--eval-every", type=nonneg_int, default=100)
 parser.add_argument("--save-every", type=nonneg_int, default=500)
 add_flags(parser, "Each holds only the new adapter and its two fp32 AdamW moments per rank: 12 bytes an adapter "
@@ -107,7 +107,7 @@ add_flags(parser, "Each holds only the new adapter and its two fp32 AdamW moment
 parser.add_argument("--merge", action="store_true", help="also write <out>/merged, an HF model dir with adapters folded in")
 parser.add_argument("--report-to", choices=REPORT_TO, default="none",
                     help="also send metrics to TensorBoard (<out>/tensorboard) or W&B; metrics.jsonl is always written")
-parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--seed", type=random_seed, default=0, help="an integer in [0, 2^63 - 1]")
 parser.add_argument("--device", default=None)
 args = parser.parse_args()
 one_line_errors()
@@ -118,8 +118,6 @@ if not 0 < args.max_prompt_len < args.max_len:
                      f"(responses need room too)")
 if args.data_weights and len(args.data_weights) != len(args.data):
     raise InputError(f"--data-weights has {len(args.data_weights)} values for {len(args.data)} --data sources")
-if not 0 <= args.eval_frac < 1:
-    raise InputError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
 if args.label_smoothing and args.loss_type != "sigmoid":
     raise InputError("--label-smoothing needs --loss-type sigmoid")
 # -----------------------------------------------------------------------------

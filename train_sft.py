@@ -29,11 +29,11 @@ from nanoalign.model import (PACKED_ATTENTION, CausalLM, check_vocab, load_model
 from nanoalign.report import REPORT_TO, open_tracker, write_model_card
 from nanoalign.rundir import add_flags, check_settings, checkpoint, lock_out_dir, settings_from
 from nanoalign.train import (DivergenceGuard, MetricsLog, Progress, all_reduce_sum, autocast, check_finite_weights,
-                             choose_precision, cleanup_distributed, full_state_dict, load_train_state, lr_at,
+                             choose_precision, cleanup_distributed, fraction, full_state_dict, load_train_state, lr_at,
                              make_optimizer, make_scaler, maybe_no_sync, nonneg_float, nonneg_int, one_line_errors,
-                             optimizer_step, positive_float, positive_int, print0, rate, require_torch,
+                             optimizer_step, positive_float, positive_int, print0, random_seed, rate, require_torch,
                              resolve_resume, save_train_state, set_lr, setup_distributed, wrap_ddp,
-                             wrap_fsdp)
+                             wrap_fsdp, zero_to_one)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +48,8 @@ parser.add_argument("--data-cache", default=os.environ.get("NANOALIGN_CACHE", st
                          "(default $NANOALIGN_CACHE or ~/.cache/nanoalign; '' = tokenise in memory each run)")
 parser.add_argument("--max-len", type=positive_int, default=2048, help="longest conversation in tokens")
 parser.add_argument("--truncation", choices=["drop", "cut"], default="drop", help="what to do with longer ones")
-parser.add_argument("--eval-frac", type=float, default=0.02, help="share of conversations held out for eval loss")
+parser.add_argument("--eval-frac", type=fraction, default=0.02,
+                    help="share of conversations held out for eval loss, in [0, 1)")
 parser.add_argument("--batch-size", type=positive_int, default=8,
                     help="packed rows of --max-len tokens (conversations with --no-pack) per micro-batch per rank")
 parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
@@ -60,12 +61,12 @@ parser.add_argument("--grad-accum", type=positive_int, default=1)
 parser.add_argument("--epochs", type=positive_float, default=1.0)
 parser.add_argument("--max-steps", type=nonneg_int, default=0, help="optimizer steps (overrides --epochs)")
 parser.add_argument("--lr", type=positive_float, default=2e-5)
-parser.add_argument("--min-lr-ratio", type=nonneg_float, default=0.0)
+parser.add_argument("--min-lr-ratio", type=zero_to_one, default=0.0, help="the LR decays to lr x this, in [0, 1]")
 parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
 parser.add_argument("--warmup-steps", type=nonneg_int, default=0)
 parser.add_argument("--weight-decay", type=nonneg_float, default=0.0)
 parser.add_argument("--clip", type=nonneg_float, default=1.0, help="max gradient norm (0 = off)")
-parser.add_argument("--max-bad-steps", type=int, default=3,
+parser.add_argument("--max-bad-steps", type=nonneg_int, default=3,
                     help="stop after this many steps in a row with a non-finite loss or gradient norm, each skipped "
                          "(0 = never stop; fp16 overflows the GradScaler skips do not count)")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
@@ -75,11 +76,11 @@ parser.add_argument("--compile", action="store_true", help="torch.compile the mo
 parser.add_argument("--fsdp", action="store_true",
                     help="FSDP2 instead of DDP: parameters, gradients and optimizer state sharded over the ranks "
                          "(each decoder block; bf16 parameters, fp32 gradient reduction under bf16 on CUDA)")
-parser.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the lm_head + loss")
+parser.add_argument("--chunk-size", type=positive_int, default=1024, help="rows per chunk of the lm_head + loss")
 parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
-parser.add_argument("--lora-r", type=int, default=16)
-parser.add_argument("--lora-alpha", type=float, default=32)
-parser.add_argument("--lora-dropout", type=float, default=0.05)
+parser.add_argument("--lora-r", type=positive_int, default=16)
+parser.add_argument("--lora-alpha", type=positive_float, default=32, help="the adapter's output is scaled by alpha / r")
+parser.add_argument("--lora-dropout", type=fraction, default=0.05, help="dropout on the adapter's input, in [0, 1)")
 parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
 parser.add_argument("--eval-every", type=nonneg_int, default=100, help="steps between eval losses (0 = only at the end)")
 parser.add_argument("--save-every", type=nonneg_int, default=500, help="steps between checkpoints (0 = only final)")
@@ -88,7 +89,7 @@ add_flags(parser, "Each costs the fp32 weights plus AdamW's two fp32 moments per
                   "r 16: 0.1 GB)")
 parser.add_argument("--report-to", choices=REPORT_TO, default="none",
                     help="also send metrics to TensorBoard (<out>/tensorboard) or W&B; metrics.jsonl is always written")
-parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--seed", type=random_seed, default=0, help="an integer in [0, 2^63 - 1]")
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 args = parser.parse_args()
 one_line_errors()
@@ -98,8 +99,6 @@ if args.fsdp:
     require_torch("--fsdp")
 if args.pack and args.pack_attn == "varlen":
     require_torch("--pack-attn varlen")
-if not 0 <= args.eval_frac < 1:
-    raise InputError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
 cuda = args.device.startswith("cuda") if args.device else torch.cuda.is_available()
 if args.pack and args.pack_attn != "sdpa" and not cuda:
     parser.error(f"--pack-attn {args.pack_attn} needs CUDA (FlexAttention has no backward on CPU, varlen is "

@@ -22,7 +22,7 @@ from nanoalign import toy
 from nanoalign.chat import compile_chat_template, load_chat, read_chat_template
 from nanoalign.errors import InputError
 from nanoalign.endpoint import NEMOTRON_REWARD, NVIDIA_BASE_URL, EndpointError, HttpReward
-from nanoalign.train import DTYPES
+from nanoalign.train import DTYPES, nonneg_int, positive_int, timeout_seconds
 from nanoalign.model import Decoder, ModelConfig, load_weights, read_safetensors_dir, resolve_model_dir
 
 DEFAULT_REWARD_MODEL = "Skywork/Skywork-Reward-V2-Qwen3-0.6B"
@@ -74,15 +74,16 @@ def add_reward_args(parser):
     parser.add_argument("--reward-dtype", choices=["bf16", "fp16", "fp32"], default=None,
                         help="local reward model precision (default: --precision's: bf16 on a GPU with bf16, "
                              "else fp32)")
-    parser.add_argument("--reward-batch-size", type=int, default=8, help="local reward model: rows per forward")
+    parser.add_argument("--reward-batch-size", type=positive_int, default=8, help="local reward model: rows per forward")
     parser.add_argument("--reward-model", default=NEMOTRON_REWARD, help="http reward: model name at the endpoint")
     parser.add_argument("--reward-tokenizer", default=None,
                         help="http reward: tokenizer (dir, tokenizer.json or hub id) counting tokens for the "
                              "endpoint's context; without it a conservative bound cuts more")
-    parser.add_argument("--reward-retries", type=int, default=4,
+    parser.add_argument("--reward-retries", type=nonneg_int, default=4,
                         help="http reward: retries of a failed request (5xx, 429, timeout, non-finite score)")
-    parser.add_argument("--reward-timeout", type=float, default=60, help="http reward: total seconds per request")
-    parser.add_argument("--reward-concurrency", type=int, default=8, help="http reward: requests in flight")
+    parser.add_argument("--reward-timeout", type=timeout_seconds, default=60,
+                        help="http reward: total seconds per request, > 0 and at most 1e9")
+    parser.add_argument("--reward-concurrency", type=positive_int, default=8, help="http reward: requests in flight")
 
 
 def reward_from_args(args, device, cache_path, dtype=None):

@@ -121,18 +121,14 @@ def torch_load_or_none(path):
 def add_flags(parser, checkpoint_cost=None):
     """--overwrite for every script; with `checkpoint_cost` (what one checkpoint holds, for --help) the training
     scripts' --resume and --keep-checkpoints too."""
+    from nanoalign.train import nonneg_int  # train imports this module
     if checkpoint_cost:
-        parser.add_argument("--keep-checkpoints", type=_nonneg_int, default=2, metavar="N",
+        parser.add_argument("--keep-checkpoints", type=nonneg_int, default=2, metavar="N",
                             help=f"keep the newest N complete ckpt-<step> dirs (0 = all). {checkpoint_cost}")
         parser.add_argument("--resume", default=None,
                             help="a ckpt-<step> dir, or `auto` for the newest complete one in --out")
     parser.add_argument("--overwrite", action="store_true",
                         help="--out holds an earlier run: move its results to <out>/replaced-<time>/ and start fresh")
-
-
-def _nonneg_int(text):
-    from nanoalign.train import nonneg_int  # train imports this module
-    return nonneg_int(text)
 
 
 # -----------------------------------------------------------------------------

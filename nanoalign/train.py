@@ -65,35 +65,72 @@ def one_line_errors(*extra_types):
     sys.excepthook = hook
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1 (`--batch-size 0` fails at parsing, naming the flag)."""
-    return _checked(text, int, lambda v: v >= 1, "an integer >= 1")
+class Number:
+    """argparse type: a finite number (never NaN or inf) in [lo, hi], either end open; an int with `integer`.
+    Every numeric flag of the scripts has one, so a value that makes no sense fails at parsing, in argparse's one
+    line naming the flag as typed (exit 2), before anything is loaded or asked:
+        --tie-eps -1  ->  "error: argument --tie-eps: must be a number >= 0, got '-1'"
+    """
+
+    def __init__(self, lo, hi=math.inf, lo_open=False, hi_open=False, integer=False):
+        self.lo, self.hi, self.lo_open, self.hi_open, self.integer = lo, hi, lo_open, hi_open, integer
+
+    def __contains__(self, value):
+        finite = isinstance(value, int) or math.isfinite(value)  # (isfinite(10**400) would raise OverflowError)
+        return (finite and (self.lo < value if self.lo_open else self.lo <= value)
+                and (value < self.hi if self.hi_open else value <= self.hi))
+
+    @property
+    def want(self):
+        """The range in words: "an integer >= 1", "a number in [0, 1)"."""
+        kind = "an integer" if self.integer else "a number"
+        lo, hi = (str(x) if isinstance(x, int) else f"{x:g}" for x in (self.lo, self.hi))
+        if self.hi == math.inf:
+            return f"{kind} {'>' if self.lo_open else '>='} {lo}"
+        return f"{kind} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+    def parse(self, text):
+        try:
+            value = int(text) if self.integer else float(text)
+        except ValueError:
+            return None
+        return value if value in self else None
+
+    def __call__(self, text):
+        value = self.parse(text)
+        if value is None:
+            raise argparse.ArgumentTypeError(f"must be {self.want}, got {text!r}")
+        return value
 
 
-def nonneg_int(text):
-    return _checked(text, int, lambda v: v >= 0, "an integer >= 0")
+class Weights(Number):
+    """argparse type: comma-separated numbers >= 0, not all 0 (mixing weights, one per source: "1,0.25")."""
+
+    def __init__(self):
+        super().__init__(0)
+
+    @property
+    def want(self):
+        return "comma-separated numbers >= 0, not all 0"
+
+    def __call__(self, text):
+        values = [self.parse(w) for w in text.split(",")]
+        if None in values or not any(values):
+            raise argparse.ArgumentTypeError(f"must be {self.want}, got {text!r}")
+        return values
 
 
-def positive_float(text):
-    return _checked(text, float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
-
-
-def nonneg_float(text):
-    return _checked(text, float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
-
-
-def probability(text):
-    return _checked(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-
-
-def _checked(text, kind, ok, want):
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not ok(value):
-        raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
-    return value
+positive_int = Number(1, integer=True)
+nonneg_int = Number(0, integer=True)
+positive_float = Number(0, lo_open=True)
+nonneg_float = Number(0)
+probability = Number(0, 1, lo_open=True)  # top-p
+fraction = Number(0, 1, hi_open=True)  # [0, 1): a share held out, a dropout
+zero_to_one = Number(0, 1)  # a ratio or a similarity
+# sockets and timers overflow past threading.TIMEOUT_MAX (~9.2e9 s on Linux); 1e9 s is already 31 years
+timeout_seconds = Number(0, 1e9, lo_open=True)
+# >= 0: Python's random.Random(-s) is random.Random(s); <= 2^63 - 1: torch.manual_seed(seed + rank) must fit 64 bits
+random_seed = Number(0, 2 ** 63 - 1, integer=True)
 
 
 # The oldest torch each call needs. The core path (SDPA with enable_gqa) sets pyproject.toml's floor; a flag whose

@@ -1,8 +1,14 @@
 """Runs that survive (nanoalign/rundir.py and its callers), each fault made for real: torn checkpoint files and a
 missing marker, a SIGKILL mid-run, a second process on the output dir, a full and a read-only tmpfs (skipped
 where no tmpfs can be mounted), rerun settings that differ, nonsense flags, damaged model and data files."""
+import argparse
+import contextlib
+import functools
+import io
 import json
+import math
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -10,6 +16,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -19,8 +26,9 @@ from nanoalign.chat import load_chat
 from nanoalign.data import prompt_records, read_records
 from nanoalign.model import CausalLM, ModelConfig, load_config, load_model, save_model
 from nanoalign.rundir import MARKER, latest_checkpoint
-from nanoalign.train import nonneg_int, positive_float, positive_int, probability
-from tests.fixtures import ROOT, cached_toy_setup, max_weight_diff, read_metrics, read_weights, run_script
+from nanoalign.train import Number, Weights, nonneg_int, positive_float, positive_int, probability
+from tests.fixtures import (ROOT, cached_toy_setup, json_server, max_weight_diff, read_metrics, read_weights,
+                            run_script)
 
 FP32 = ("--device", "cpu", "--precision", "fp32")
 SFT = ("--lr", 1e-2, "--batch-size", 4, "--eval-frac", 0, "--no-pack")  # batches of conversations
@@ -237,21 +245,154 @@ def test_argument_types():
             fn(text)
 
 
-@pytest.mark.parametrize("script,flag,value,want", [
-    ("train_sft.py", "--grad-accum", "0", "an integer >= 1"),
-    ("train_dpo.py", "--beta", "-0.1", "a number > 0"),
-    ("gen_synthetic.py", "--num-samples", "0", "an integer >= 1"),
-    ("eval_winrate.py", "--batch-size", "0", "an integer >= 1"),
-    ("eval_winrate.py", "--top-p", "1.5", "a number in (0, 1]"),
-    ("gen_synthetic.py", "--top-k", "-1", "an integer >= 0"),
+# Every numeric option of every script, by rule: its type is a range-checked Number, NaN, infinities and the values
+# just past each end of its range fail at parsing (exit 2, argparse's one line naming the flag), its default and
+# values inside the range parse. The parsers are taken from the scripts themselves, in this process.
+
+SCRIPT_ARGS = {  # each script's required flags
+    "train_sft.py": ("--model", "m", "--data", "d", "--out", "o"),
+    "train_dpo.py": ("--model", "m", "--data", "d", "--out", "o"),
+    "gen_synthetic.py": ("--model", "m", "--out", "o"),
+    "eval_winrate.py": ("--model-a", "m", "--model-b", "m", "--out", "o"),
+    "gen_pairs_chat.py": ("--url", "u", "--model", "m", "--out", "o"),
+}
+
+
+class _Parser(Exception):
+    pass
+
+
+@functools.cache
+def script_parser(script):
+    """The script's ArgumentParser: the script runs here up to its parse_args, which raises instead of parsing."""
+    def stop(parser, *args, **kwargs):
+        raise _Parser(parser)
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", stop):
+        try:
+            runpy.run_path(str(ROOT / script))
+        except _Parser as e:
+            return e.args[0]
+    raise AssertionError(f"{script} never called parse_args")
+
+
+def parse(script, *flags):
+    """(0, namespace), or (exit status, stderr) of parsing the script's required flags and `flags`."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            return 0, script_parser(script).parse_args([*SCRIPT_ARGS[script], *flags])
+        except SystemExit as e:
+            return e.code, stderr.getvalue()
+
+
+def assert_refused(script, flag, value, want):
+    status, stderr = parse(script, f"{flag}={value}")  # `=`: argparse takes "-inf" after a space for an option
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert status == 2 and errors == [f"{script}: error: argument {flag}: must be {want}, got {value!r}"], \
+        (script, flag, value, status, stderr)
+
+
+def numeric_options(script):
+    """(flag, action) of each option whose value is a number; an option whose type is not a range-checked Number
+    (type=float, type=int, or a numeric default and no type) fails here: a new numeric flag needs a range."""
+    for action in script_parser(script)._actions:  # argparse's list of options (there is no public one)
+        flag = "/".join(action.option_strings)
+        numeric_default = isinstance(action.default, (int, float)) and not isinstance(action.default, bool)
+        if action.type is None and not numeric_default:
+            continue
+        assert isinstance(action.type, Number), f"{script} {flag}: type {action.type!r} is not a nanoalign.train.Number"
+        yield flag, action
+
+
+def just_past(x, integer, direction):
+    return x + direction if integer else math.nextafter(x, direction * math.inf)
+
+
+@pytest.mark.parametrize("script", SCRIPT_ARGS)
+def test_every_numeric_flag_has_a_range_checked_at_parsing(script):
+    options = list(numeric_options(script))
+    assert len(options) >= 6, options  # the parser was captured
+    for flag, action in options:
+        t = action.type
+        if isinstance(t, Weights):
+            for value in ("nan", "inf", "-1", "1,-0.5", "1,nan", "0,0", "0", "1,,2", "1;2", ""):
+                assert_refused(script, flag, value, "comma-separated numbers >= 0, not all 0")
+            for value, want in (("1,0.25", [1.0, 0.25]), ("0,2.5", [0.0, 2.5])):
+                assert getattr(parse(script, flag, value)[1], action.dest) == want
+            continue
+        lo = just_past(t.lo, t.integer, 1) if t.lo_open else t.lo  # the ends of the range, inside it
+        hi = just_past(t.hi, t.integer, -1) if t.hi_open else t.hi
+        bad = ["nan", "inf", "-inf", "1e999", just_past(lo, t.integer, -1), t.lo - 1]
+        good = [lo, lo + (1000 if t.integer else 0.5)]
+        if hi < math.inf:
+            bad.append(just_past(hi, t.integer, 1))
+            good = [lo, hi, (lo + hi) // 2 if t.integer else (lo + hi) / 2]
+        if t.integer:  # not an integer; past any float (isfinite(10**400) raises)
+            bad.append(lo + 0.5)
+            (good if hi == math.inf else bad).append(10 ** 400)
+        for value in bad:
+            assert_refused(script, flag, value if isinstance(value, str) else repr(value), t.want)
+        assert action.default is None or action.default in t, (script, flag, action.default)
+        for value in good + ([action.default] if action.default is not None else []):
+            status, args = parse(script, f"{flag}={value!r}")
+            assert status == 0 and getattr(args, action.dest) == value, (script, flag, value, args)
+
+
+@pytest.mark.parametrize("script,flag,value,want", [  # the fault campaign's cases (issue #19): all accepted before
+    ("train_sft.py", "--max-bad-steps", "-1", "an integer >= 0"),  # stopped a healthy run after step 1
+    ("eval_winrate.py", "--tie-eps", "nan", "a number >= 0"),  # every prompt a tie
+    ("eval_winrate.py", "--tie-eps", "-1", "a number >= 0"),  # W/L/T 12/12/-12
+    ("gen_synthetic.py", "--reward-retries", "-1", "an integer >= 0"),  # no request, every score null
+    ("gen_pairs_chat.py", "--temperature", "nan", "a number in [0, 2]"),  # a NaN request body, 0 pairs
+    ("train_sft.py", "--chunk-size", "0", "an integer >= 1"),  # tracebacks
+    ("train_dpo.py", "--chunk-size", "-4", "an integer >= 1"),
+    ("train_sft.py", "--lora-dropout", "1.5", "a number in [0, 1)"),
+    ("train_dpo.py", "--data-weights", "inf", "comma-separated numbers >= 0, not all 0"),
+    ("gen_synthetic.py", "--reward-concurrency", "0", "an integer >= 1"),
+    ("eval_winrate.py", "--policy-concurrency", "0", "an integer >= 1"),
+    ("gen_synthetic.py", "--reward-timeout", "inf", "a number in (0, 1e+09]"),
+    ("eval_winrate.py", "--reward-batch-size", "0", "an integer >= 1"),
+    ("train_dpo.py", "--lora-r", "0", "an integer >= 1"),  # errors only at the first request or later
+    ("gen_synthetic.py", "--policy-timeout", "nan", "a number in (0, 1e+09]"),
+    ("gen_pairs_chat.py", "--timeout", "-1", "a number in (0, 1e+09]"),
+    ("train_sft.py", "--lora-alpha", "nan", "a number > 0"),  # NaN steps, then the LR blamed
+    ("train_dpo.py", "--label-smoothing", "nan", "a number in [0, 0.5)"),
+    ("train_dpo.py", "--lr-step-gamma", "nan", "a number in (0, 1]"),
+    ("gen_synthetic.py", "--min-gap", "nan", "a number >= 0"),  # acted as 0
+    ("gen_synthetic.py", "--max-similarity", "-1", "a number in [0, 1]"),  # dropped every pair, exit 0
+    ("train_sft.py", "--seed", "-1", "an integer in [0, 9223372036854775807]"),  # random.Random(-1) is Random(1)
+    ("train_sft.py", "--eval-frac", "1", "a number in [0, 1)"),  # was checked after parsing, exit 1
 ])
-def test_nonsense_flags_are_rejected_at_parsing(script, flag, value, want, tmp_path):
-    required = {"train_sft.py": ("--model", "m", "--data", "d"), "train_dpo.py": ("--model", "m", "--data", "d"),
-                "gen_synthetic.py": ("--model", "m"), "eval_winrate.py": ("--model-a", "m", "--model-b", "m")}
-    proc = run_script(script, *required[script], "--out", tmp_path / "out", flag, value, check=False)
-    assert proc.returncode == 2
-    assert last_line(proc.stderr).endswith(f"error: argument {flag}: must be {want}, got '{value}'"), proc.stderr
-    assert not (tmp_path / "out").exists()
+def test_nonsense_flags_are_rejected_at_parsing(script, flag, value, want):
+    assert_refused(script, flag, value, want)
+
+
+def test_nonsense_flags_stop_before_any_request(toy_setup, tmp_path):
+    """Against a working endpoint: gen_synthetic.py --reward-retries -1 scored every sample null without one request
+    (and cached the nulls, so a corrected rerun did not ask either); gen_pairs_chat.py --temperature nan sent every
+    prompt in a request body with a bare NaN (not JSON) and ended with 0 pairs, exit 0. Now: exit 2 at parsing,
+    one line, no request, no --out."""
+    requests = []
+
+    def handle(path, headers, body):
+        requests.append(path)
+        return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "reward:0.5"},
+                                  "logprobs": {"content": [{"token": "reward", "logprob": 0.5}]}}]}
+
+    runs = {"--reward-retries": ("gen_synthetic.py", "--model", toy_setup.model, "--prompts", toy_setup.sft,
+                                 "--num-samples", 3, "--reward", "{url}", "--reward-retries", -1, *FP32),
+            "--temperature": ("gen_pairs_chat.py", "--url", "{url}", "--model", "gpt-test", "--prompts", toy_setup.sft,
+                              "--temperature", "nan")}
+    seen = {}
+    with json_server(handle) as url:
+        for flag, (script, *args) in runs.items():
+            out = tmp_path / script
+            proc = run_script(script, *[url if a == "{url}" else a for a in args], "--max-prompts", 12, "--out", out,
+                              check=False)
+            seen[flag] = (proc.returncode, len(requests), out.exists(), "Traceback" in proc.stderr,
+                          f"error: argument {flag}: must be " in (proc.stderr.splitlines() or [""])[-1])
+            requests.clear()
+    assert seen == {flag: (2, 0, False, False, True) for flag in runs}, seen
 
 
 # -----------------------------------------------------------------------------

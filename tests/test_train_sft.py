@@ -214,12 +214,6 @@ def test_default_precision_on_cpu_is_fp32(toy_setup, tmp_path):
     assert state["args"]["precision"] == "fp32"
 
 
-def test_eval_frac_error_names_the_flag(toy_setup, tmp_path):
-    proc = run_script(SCRIPT, "--model", toy_setup.model, "--data", toy_setup.sft, "--out", tmp_path / "out", *FP32,
-                      "--eval-frac", 1, check=False)
-    assert proc.returncode == 1 and last_line(proc.stderr) == "error: --eval-frac must be in [0, 1), got 1.0"
-
-
 def test_bad_input_is_one_line_a_bug_keeps_its_traceback(toy_setup, tmp_path):
     """one_line_errors: an InputError (here a flag combination) is one line on stderr; a KeyError from inside our
     code (injected into data.sft_rows, as a bug would raise it) is not bad input and keeps its traceback."""
