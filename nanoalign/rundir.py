@@ -191,14 +191,15 @@ def _normalise(value):
 
 def settings_from(args, free, unused=(), **extra):
     """The record of a run: {'--flag': value} for every flag of `args` (argparse dests) but those in `free` (they do
-    not change what is computed) and those an `extra` entry records in another form (the flags named in its key, as
-    in 'global batch (--batch-size x --grad-accum x ranks)'); None for the flags in `unused` (they do not apply to
-    this run, e.g. --lora-r without --lora); then the `extra` entries. A flag is recorded unless it is declared free."""
+    not change what is computed), those in `unused` (they do not apply to this run, as --lora-r without --lora: which
+    one applies follows from recorded flags) and those an `extra` entry records in another form (the flags named in
+    its key, as in 'global batch (--batch-size x --grad-accum x ranks)'); then the `extra` entries. A flag is
+    recorded unless it is declared free."""
     unknown = (set(free) | set(unused)) - set(vars(args))
     assert not unknown, f"not flags of this script: {sorted(unknown)}"
     covered = {flag for key in extra for flag in re.findall(r"--([a-z][a-z0-9-]*)", key)}
-    settings = {f"--{name.replace('_', '-')}": None if name in unused else value for name, value in vars(args).items()
-                if name not in free and name.replace("_", "-") not in covered}
+    settings = {f"--{name.replace('_', '-')}": value for name, value in vars(args).items()
+                if name not in free and name not in unused and name.replace("_", "-") not in covered}
     settings.update(extra)
     return {k: _normalise(v) for k, v in settings.items()}
 
@@ -235,7 +236,9 @@ def _checkpoints_record(out):
 
 def _differences(settings, recorded):
     """'--flag new (was recorded), ...' for each setting whose recorded value differs ('(not recorded)' where the
-    record, written by an older version, lacks it); '' when none does. Recorded flags that are free now are ignored."""
+    record lacks it: the flag did not apply then, or an older version did not record it); '' when none does.
+    Recorded flags that this run leaves out (free now, or not applying) are not compared: the flags that decide
+    whether they apply are."""
     return ", ".join(f"{k} {v!r} " + (f"(was {recorded[k]!r})" if k in recorded else "(not recorded)")
                      for k, v in settings.items() if k not in recorded or recorded[k] != v)
 

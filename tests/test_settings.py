@@ -50,9 +50,9 @@ def until_recorded(monkeypatch, script, out, *args):
         seen["parser"] = parser
         return parse_args(parser, *a, **kw)
 
-    def record(args, free, **kw):
-        seen["free"] = free
-        return settings_from(args, free, **kw)
+    def record(args, free, unused=(), **kw):
+        seen["free"], seen["unused"] = free, unused
+        return settings_from(args, free, unused, **kw)
 
     def check(out, settings, *a, **kw):
         check_settings(out, settings, *a, **kw)
@@ -109,6 +109,7 @@ def test_every_flag_is_recorded_or_free(monkeypatch, tmp_path, script):
     flags = {a.dest for a in run.parser._actions if a.dest != "help"}
     recorded = {run.parser._option_string_actions[flag].dest
                 for key in run.settings for flag in re.findall(r"--[a-z][a-z0-9-]*", key)}
+    recorded |= set(run.unused)  # recorded in a run they apply to (e.g. --lora-r with --lora)
     assert not recorded & set(run.free), sorted(recorded & set(run.free))
     assert recorded | set(run.free) == flags, sorted(flags - recorded - set(run.free))
     assert readme_free(script, run.parser) == set(run.free)
@@ -132,7 +133,8 @@ URL = "http://127.0.0.1:9/v1"
     # partly judged with a local model A, then with A from a server: one win rate mixed both
     ("eval_winrate.py", "per_prompt.jsonl", (), ("--policy-url-a", URL), f"--policy-url-a {URL!r} (was None)"),
     # the refusal named no setting at all: "holds a run with other settings: ;"
-    ("gen_synthetic.py", "samples.jsonl", (), ("--policy-url", URL), f"--policy-url {URL!r} (was None)"),
+    ("gen_synthetic.py", "samples.jsonl", (), ("--policy-url", URL),
+     f"--policy-url {URL!r} (was None), --policy-model None (not recorded)"),  # (a local policy has no model name)
     ("gen_synthetic.py", "samples.jsonl", ("--policy-url", URL), ("--policy-url", URL, "--policy-model", "q"),
      "--policy-model 'q' (was None)"),
 ])
