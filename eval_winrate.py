@@ -16,8 +16,8 @@ and <out>/summary.json. A prompt's answers depend only on (--seed, prompt_id), b
 numbers. Both answers to a prompt are scored in one reward call, so an answer both sides gave is an exact tie; a
 prompt whose answer the reward endpoint refuses (HTTP 400/413/422) is judged "skipped" and counted apart. Values
 with nothing to average are null in summary.json.
-One run at a time per --out (<out>/.lock); a rerun that judges other models, sampling or reward than those recorded
-in <out>/run_settings.json stops.
+One run at a time per --out (<out>/.lock); a rerun whose settings differ from those recorded in
+<out>/run_settings.json stops (the flags in FREE below, e.g. --max-prompts, --name-*, batch sizes, may change).
 """
 import argparse
 import json
@@ -79,6 +79,12 @@ parser.add_argument("--seed", type=random_seed, default=0, help="an integer in [
 parser.add_argument("--out", required=True)
 add_flags(parser)
 parser.add_argument("--device", default=None)
+# flags that do not change what is computed, free to change between runs (README "Runs that survive"): names, more
+# prompts, batch sizes (an answer depends only on the seed and the prompt), clients' limits. Every other one is
+# recorded in <out>/run_settings.json
+FREE = ["name_a", "name_b", "max_prompts", "batch_size", "eager", "policy_concurrency", "policy_retries",
+        "policy_timeout", "reward_batch_size", "reward_retries", "reward_timeout", "reward_concurrency", "out",
+        "overwrite", "device"]
 args = parser.parse_args()
 one_line_errors(RewardServerError, PolicyServerError, RewardError)
 if (args.model_b is None) == (args.responses_b is None):
@@ -90,12 +96,12 @@ device = d.device if args.device in (None, "cuda") else torch.device(args.device
 args.precision = choose_precision(args.precision, device)
 out = Path(args.out)
 lock_out_dir(out, device)
-# what a verdict on disk depends on (--max-prompts and --name-* may change between runs)
+# every other flag defines the verdicts on disk: recorded, and a rerun with another value stops (README "Runs that
+# survive")
+http_reward = args.reward == "http" or args.reward.startswith(("http://", "https://"))
 check_settings(out, settings_from(
-    args, ["model_a", "adapter_a", "model_b", "adapter_b", "responses_b", "tokenizer", "prompts", "prompts_split",
-           "prompts_config", "max_prompt_len", "temperature", "top_p", "top_k", "max_new_tokens", "reward",
-           "reward_dtype", "tie_eps", "precision", "seed"]
-    + (["reward_model"] if args.reward.startswith(("http://", "https://")) else [])), args.overwrite)
+    args, FREE, unused=([] if http_reward else ["reward_model", "reward_tokenizer"])
+    + (["reward_dtype"] if http_reward or args.reward == "toy" else [])), args.overwrite)
 # checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
                          check=prompt_check(args.reward))

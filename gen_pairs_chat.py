@@ -13,7 +13,7 @@ HTTP 400/413/422). Replies are appended to <out>/chat_cache.jsonl as they arrive
 and template: a killed or extended run (a larger --max-prompts) asks only the prompts not yet answered.
 Writes <out>/pairs.jsonl (prompt, chosen, rejected, *_finished, source: train_dpo.py reads it, mixable with
 gen_synthetic.py's) and <out>/summary.json. One run at a time per --out; other settings than those recorded in
-<out>/run_settings.json stop a rerun (--max-prompts and the endpoint's limits may change).
+<out>/run_settings.json stop a rerun (the flags in FREE below, e.g. --max-prompts and the client's limits, may change).
 """
 import argparse
 import json
@@ -53,6 +53,9 @@ parser.add_argument("--timeout", type=timeout_seconds, default=300,
                     help="seconds per request, all of it; > 0 and at most 1e9")
 parser.add_argument("--out", required=True)
 add_flags(parser)
+# flags that do not change what is computed, free to change between runs (README "Runs that survive"): more prompts,
+# the client's limits and key. Every other one is recorded in <out>/run_settings.json
+FREE = ["max_prompts", "api_key_env", "concurrency", "retries", "timeout", "out", "overwrite"]
 args = parser.parse_args()
 one_line_errors(EndpointError)
 
@@ -63,8 +66,9 @@ out = Path(args.out)
 endpoint = Endpoint(args.url.rstrip("/") + "/chat/completions", args.api_key_env, args.timeout, args.retries,
                     concurrency=args.concurrency, what="pair writer")
 lock_out_dir(out)
-check_settings(out, settings_from(args, ["url", "model", "prompts", "prompts_split", "prompts_config", "temperature",
-                                         "max_tokens"], template_sha256=sha256(template)), args.overwrite)
+# every other flag defines the replies on disk: recorded (the template by its text), and a rerun with another value
+# stops (README "Runs that survive")
+check_settings(out, settings_from(args, FREE, **{"--template (sha256 of its text)": sha256(template)}), args.overwrite)
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts)
 cache = JsonlCache(out / "chat_cache.jsonl", ("prompt_id",), dict(model=args.model, template_sha256=sha256(template)))
 

@@ -16,8 +16,8 @@ it after its retries with everything so far on disk. Sample k of a prompt depend
 the files are the same whatever the number of ranks, the --batch-size or the point where a run was resumed.
 A sample the reward endpoint refuses (HTTP 400/413/422, e.g. too long) keeps score null, is in no pair, and is
 counted as `skipped` in summary.json.
-One run at a time per --out (<out>/.lock); a rerun whose sampling or reward settings differ from those recorded in
-<out>/run_settings.json stops (--max-prompts, --min-gap, --drop-* and batch sizes may change between runs).
+One run at a time per --out (<out>/.lock); a rerun whose settings differ from those recorded in
+<out>/run_settings.json stops (the flags in FREE below, e.g. --max-prompts, --min-gap, batch sizes, may change).
 Keep generation prompts apart from eval prompts (UltraFeedback: train_gen here, test_gen in eval_winrate.py).
 """
 import argparse
@@ -85,6 +85,12 @@ parser.add_argument("--seed", type=random_seed, default=0, help="an integer in [
 parser.add_argument("--out", required=True)
 add_flags(parser)
 parser.add_argument("--device", default=None)
+# flags that do not change what is computed, free to change between runs (README "Runs that survive"): more prompts,
+# pairs rebuilt from the samples, batch sizes (a sample depends only on the seed, the prompt and its number), clients'
+# limits. Every other one is recorded in <out>/run_settings.json
+FREE = ["max_prompts", "batch_size", "eager", "policy_concurrency", "policy_retries", "policy_timeout",
+        "reward_batch_size", "reward_retries", "reward_timeout", "reward_concurrency", "min_gap", "max_similarity",
+        "drop_empty", "drop_truncated", "out", "overwrite", "device"]
 args = parser.parse_args()
 one_line_errors(RewardServerError, PolicyServerError, RewardError)
 # -----------------------------------------------------------------------------
@@ -95,14 +101,13 @@ args.precision = choose_precision(args.precision, device)
 out = Path(args.out)
 n = args.num_samples
 lock_out_dir(out, device)
-# what the samples on disk depend on; --max-prompts (more prompts), --min-gap/--drop-* (pairs are rebuilt from the
-# samples) and batch sizes (samples depend only on seed, prompt and k) may change between runs
+# every other flag defines the samples on disk: recorded, and a rerun with another value stops (README "Runs that
+# survive")
+http_reward = args.reward == "http" or args.reward.startswith(("http://", "https://"))
 check_settings(out, settings_from(
-    args, ["model", "adapter", "tokenizer", "prompts", "prompts_split", "prompts_config", "max_prompt_len",
-           "num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "reward", "reward_dtype", "precision",
-           "seed"]
-    + (["reward_model"] if args.reward.startswith(("http://", "https://")) else [])
-    + (["policy_model"] if args.policy_url else [])), args.overwrite)
+    args, FREE, unused=([] if args.policy_url else ["policy_model"])
+    + ([] if http_reward else ["reward_model", "reward_tokenizer"])
+    + (["reward_dtype"] if http_reward or args.reward == "toy" else [])), args.overwrite)
 # checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
                          check=prompt_check(args.reward))

@@ -30,7 +30,7 @@ from nanoalign.errors import InputError
 from nanoalign.lora import adapters_disabled, add_lora, describe, load_adapter, load_merged, save_adapter
 from nanoalign.losses import dpo_loss, dpo_metrics, sequence_logps
 from nanoalign.model import check_vocab, load_model, resolve_model_dir, save_model
-from nanoalign.report import REPORT_TO, open_tracker, write_model_card
+from nanoalign.report import REPORT_TO, open_tracker, require_backend, write_model_card
 from nanoalign.rundir import (add_flags, check_settings, checkpoint, lock_out_dir, settings_from, torch_load_or_none,
                               torch_save, write_text)
 from nanoalign.train import (DTYPES, DivergenceGuard, MetricsLog, Number, Progress, Weights, all_reduce_sum, autocast,
@@ -109,6 +109,10 @@ parser.add_argument("--report-to", choices=REPORT_TO, default="none",
                     help="also send metrics to TensorBoard (<out>/tensorboard) or W&B; metrics.jsonl is always written")
 parser.add_argument("--seed", type=random_seed, default=0, help="an integer in [0, 2^63 - 1]")
 parser.add_argument("--device", default=None)
+# flags that do not change what is computed, free to change between runs (README "Runs that survive"): every other
+# one is recorded in <out>/run_settings.json
+FREE = ["out", "precompute_ref", "max_bad_steps", "grad_ckpt", "compile", "pack", "chunk_size", "eval_every",
+        "save_every", "keep_checkpoints", "resume", "overwrite", "merge", "report_to", "device"]
 args = parser.parse_args()
 one_line_errors()
 if args.max_prompt_len is None:
@@ -122,23 +126,20 @@ if args.label_smoothing and args.loss_type != "sigmoid":
     raise InputError("--label-smoothing needs --loss-type sigmoid")
 # -----------------------------------------------------------------------------
 
+require_backend(args.report_to)  # before any work
 d = setup_distributed(args.device)
-tracker = open_tracker(args.report_to, args.out, vars(args), d.is_main)
 args.precision = choose_precision(args.precision, d.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
 lock_out_dir(out, d.device)
-# what defines the results; a rerun or --resume with other values stops (see README "Runs that survive")
+# every other flag defines the results: recorded, and a rerun or --resume with another value stops (README "Runs that
+# survive"); the global batch is recorded, not its split, and a constant LR does not depend on the run's length
 check_settings(out, settings_from(
-    args, ["model", "adapter", "tokenizer", "data", "data_weights", "data_split", "data_config", "max_len",
-           "max_prompt_len", "eval_frac", "beta", "loss_type", "label_smoothing", "sft_weight", "ref", "lora_r",
-           "lora_alpha", "lora_dropout", "lora_targets", "lr", "min_lr_ratio", "schedule", "warmup_steps",
-           "weight_decay", "clip", "precision", "base_dtype", "seed", "beta_warmup_steps"]
-    + (["lr_step_every", "lr_step_gamma"] if args.schedule == "step" else [])
-    # the LR schedule stretches over the run's length; a constant LR does not depend on it, so it may be extended
-    + ([] if args.schedule == "constant" else ["max_steps"] if args.max_steps else ["epochs"]),
+    args, FREE, unused=([] if args.schedule == "step" else ["lr_step_every", "lr_step_gamma"])
+    + (["max_steps", "epochs"] if args.schedule == "constant" else ["epochs"] if args.max_steps else ["max_steps"]),
     **{"global batch (--batch-size x --grad-accum x ranks)": args.batch_size * args.grad_accum * d.world}),
-    args.overwrite, keep=["ref_logps.pt"])  # keyed by its own fingerprint: reused when the reference is the same
+    args.overwrite, keep=["ref_logps.pt"], resume=args.resume)  # ref_logps.pt: reused while its fingerprint holds
+tracker = open_tracker(args.report_to, args.out, vars(args), d.is_main)
 model_dir = resolve_model_dir(args.model)
 tokenizer_dir = resolve_model_dir(args.tokenizer) if args.tokenizer else model_dir
 chat = load_chat(tokenizer_dir)  # the default system prompt is the one of the dir's own chat template

@@ -26,7 +26,7 @@ from nanoalign.losses import masked_logps, sft_loss
 from nanoalign.tokenized import sft_dataset
 from nanoalign.model import (PACKED_ATTENTION, CausalLM, check_vocab, load_model, resolve_model_dir,
                              save_model)
-from nanoalign.report import REPORT_TO, open_tracker, write_model_card
+from nanoalign.report import REPORT_TO, open_tracker, require_backend, write_model_card
 from nanoalign.rundir import add_flags, check_settings, checkpoint, lock_out_dir, settings_from
 from nanoalign.train import (DivergenceGuard, MetricsLog, Progress, all_reduce_sum, autocast, check_finite_weights,
                              choose_precision, cleanup_distributed, fraction, full_state_dict, load_train_state, lr_at,
@@ -91,6 +91,10 @@ parser.add_argument("--report-to", choices=REPORT_TO, default="none",
                     help="also send metrics to TensorBoard (<out>/tensorboard) or W&B; metrics.jsonl is always written")
 parser.add_argument("--seed", type=random_seed, default=0, help="an integer in [0, 2^63 - 1]")
 parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+# flags that do not change what is computed, free to change between runs (README "Runs that survive"): every other
+# one is recorded in <out>/run_settings.json
+FREE = ["out", "data_cache", "pack_attn", "max_bad_steps", "grad_ckpt", "compile", "chunk_size", "eval_every",
+        "save_every", "keep_checkpoints", "resume", "overwrite", "report_to", "device"]
 args = parser.parse_args()
 one_line_errors()
 if args.fsdp and args.lora:
@@ -105,22 +109,20 @@ if args.pack and args.pack_attn != "sdpa" and not cuda:
                  f"flash attention); use --pack-attn sdpa")
 # -----------------------------------------------------------------------------
 
+require_backend(args.report_to)  # before any work
 d = setup_distributed(args.device)
-tracker = open_tracker(args.report_to, args.out, vars(args), d.is_main)
 args.precision = choose_precision(args.precision, d.device)
 torch.manual_seed(args.seed + d.rank)
 out = Path(args.out)
 lock_out_dir(out, d.device)
-# what defines the results; a rerun or --resume with other values stops (see README "Runs that survive")
+# every other flag defines the results: recorded, and a rerun or --resume with another value stops (README "Runs that
+# survive"); the global batch is recorded, not its split, and a constant LR does not depend on the run's length
 check_settings(out, settings_from(
-    args, ["model", "tokenizer", "data", "data_split", "data_config", "max_len", "truncation", "pack", "eval_frac",
-           "lr", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "clip", "precision", "lora", "seed",
-           "fsdp"]  # (--fsdp shards the optimizer state in the checkpoints)
-    + (["lora_r", "lora_alpha", "lora_dropout", "lora_targets"] if args.lora else [])
-    # the LR schedule stretches over the run's length; a constant LR does not depend on it, so it may be extended
-    + ([] if args.schedule == "constant" else ["max_steps"] if args.max_steps else ["epochs"]),
+    args, FREE, unused=([] if args.lora else ["lora_r", "lora_alpha", "lora_dropout", "lora_targets"])
+    + (["max_steps", "epochs"] if args.schedule == "constant" else ["epochs"] if args.max_steps else ["max_steps"]),
     **{"global batch (--batch-size x --grad-accum x ranks)": args.batch_size * args.grad_accum * d.world}),
-    args.overwrite)
+    args.overwrite, resume=args.resume)
+tracker = open_tracker(args.report_to, args.out, vars(args), d.is_main)
 model_dir = resolve_model_dir(args.model)
 tokenizer_dir = resolve_model_dir(args.tokenizer) if args.tokenizer else model_dir
 chat = load_chat(tokenizer_dir)  # the default system prompt is the one of the dir's own chat template

@@ -1,7 +1,8 @@
 """What a training run tells the outside world besides metrics.jsonl: live metrics for TensorBoard or Weights &
 Biases (`--report-to`), and the model card (README.md) of every exported model or adapter dir.
 
-    tracker = open_tracker("tensorboard", out, vars(args), enabled=d.is_main)   # checks the backend is installed
+    require_backend("tensorboard")                                               # before any work
+    tracker = open_tracker("tensorboard", out, vars(args), enabled=d.is_main)   # once the run dir is settled
     tracker.log(step, {"loss": 0.69, "lr": 1e-5})
     tracker.close(final_metrics)
     write_model_card(out / "final", title="SFT", base=args.model, data=[("sft.jsonl", 9800)], ...)
@@ -66,13 +67,9 @@ class WandbTracker(Tracker):
         self.run.finish()
 
 
-def open_tracker(report_to, out_dir, config, enabled=True):
-    """The tracker for --report-to (rank 0: enabled=True). Every rank checks the backend is installed, first,
-    so a missing package is one line before any data is read.
-
-    Raises:
-        InputError: the backend's package is not installed (names the flag and the pip command).
-    """
+def require_backend(report_to):
+    """InputError (naming the flag and the pip command) when --report-to's package is not installed: the scripts
+    call it before any work, and open the tracker once the run dir is settled (rundir.check_settings)."""
     package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
     if package:
         try:
@@ -80,6 +77,15 @@ def open_tracker(report_to, out_dir, config, enabled=True):
         except ImportError:
             raise InputError(f"--report-to {report_to}: the `{package}` package is not installed "
                              f"(pip install {package})") from None
+
+
+def open_tracker(report_to, out_dir, config, enabled=True):
+    """The tracker for --report-to (rank 0: enabled=True); every rank checks the backend is installed.
+
+    Raises:
+        InputError: the backend's package is not installed (names the flag and the pip command).
+    """
+    require_backend(report_to)
     if report_to == "none" or not enabled:
         return Tracker()
     Path(out_dir).mkdir(parents=True, exist_ok=True)

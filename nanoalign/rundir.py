@@ -2,8 +2,10 @@
 
 - an exclusive lock, <out>/.lock (fcntl.flock, the holder's pid written in): a second run into the same dir stops
   at once; the OS drops the lock when the holder exits or dies, so it is never stale;
-- the settings that define the run's results, recorded in <out>/run_settings.json: a rerun with other ones stops
-  with one line naming them (or, with --overwrite, moves the earlier results aside; nothing is ever deleted);
+- the settings that define the run's results (every flag a script does not declare free), recorded in
+  <out>/run_settings.json and in each checkpoint's marker: a rerun or --resume with other ones stops with one line
+  naming them, and so do results without a record (or, with --overwrite, the earlier results move aside in one
+  rename; nothing is ever deleted);
 - checkpoints written file by file under temporary names (renamed into place when whole) with a marker written
   last, by rank 0 after every rank is done: `--resume auto` trusts only a dir with the marker;
 - `--keep-checkpoints N`: the newest N complete checkpoints stay, older ones go once a newer one is complete.
@@ -12,9 +14,11 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import sys
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -181,46 +185,166 @@ def _normalise(value):
     return value
 
 
-def settings_from(args, names, **extra):
-    """{'--flag': value} for each argparse dest in `names`, plus `extra` entries (keys as they should be shown)."""
-    settings = {f"--{name.replace('_', '-')}": getattr(args, name) for name in names}
+def settings_from(args, free, unused=(), **extra):
+    """The record of a run: {'--flag': value} for every flag of `args` (argparse dests) but those in `free` (they do
+    not change what is computed), those in `unused` (they do not apply to this run, as --lora-r without --lora: which
+    one applies follows from recorded flags) and those an `extra` entry records in another form (the flags named in
+    its key, as in 'global batch (--batch-size x --grad-accum x ranks)'); then the `extra` entries. A flag is
+    recorded unless it is declared free."""
+    unknown = (set(free) | set(unused)) - set(vars(args))
+    assert not unknown, f"not flags of this script: {sorted(unknown)}"
+    covered = {flag for key in extra for flag in re.findall(r"--([a-z][a-z0-9-]*)", key)}
+    settings = {f"--{name.replace('_', '-')}": value for name, value in vars(args).items()
+                if name not in free and name not in unused and name.replace("_", "-") not in covered}
     settings.update(extra)
     return {k: _normalise(v) for k, v in settings.items()}
 
 
+REPLACING = ".replacing"  # an --overwrite under way: the earlier run's files, until renamed to replaced-<time>/
+_records = {}  # resolved out dir -> the settings check_settings recorded there (checkpoint markers carry them)
+
+
+def _entries(out, keep=()):
+    """What runs left in `out`: all but hidden names (the lock, temporary files), `keep` and replaced-<time>/ dirs."""
+    return sorted(p for p in out.iterdir() if not p.name.startswith((".", "replaced-")) and p.name not in keep)
+
+
 def _results(out, keep=()):
-    return [p for p in out.iterdir() if p.name not in (LOCK, *keep) and not p.name.startswith("replaced-")]
+    """The entries a record binds: all but the record itself and checkpoints cut off before their marker."""
+    return [p for p in _entries(out, (SETTINGS, *keep))
+            if not (p.is_dir() and _step(p) >= 0 and not is_complete(p))]
 
 
-def check_settings(out, settings: dict, overwrite=False, keep=()):
-    """Record `settings` in <out>/run_settings.json, or check them against those recorded by an earlier run.
+def _read_json(path):
+    """The JSON object in `path`, or None when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
-    Settings recorded by a run that left no results are replaced. A difference raises RunDirError naming each
-    differing setting (new value, then recorded), unless `overwrite`:
-    then everything the earlier run left in `out` is moved to <out>/replaced-<UTC time>/ and the run starts fresh.
-    `overwrite` moves earlier results aside even when the settings agree; files named in `keep` stay (caches that
-    check their own validity, like train_dpo's ref_logps.pt). Call after lock_out_dir.
+
+def _checkpoints_record(out):
+    """The settings the markers of out's complete checkpoints carry, when there are some and all agree, else None."""
+    records = [(_read_json(p / MARKER) or {}).get("settings") for p in checkpoints(out) if is_complete(p)]
+    return records[0] if records and isinstance(records[0], dict) and all(r == records[0] for r in records) else None
+
+
+def _differences(settings, recorded):
+    """'--flag new (was recorded), ...' for each setting whose recorded value differs ('(not recorded)' where the
+    record lacks it: the flag did not apply then, or an older version did not record it); '' when none does.
+    Recorded flags that this run leaves out (free now, or not applying) are not compared: the flags that decide
+    whether they apply are."""
+    return ", ".join(f"{k} {v!r} " + (f"(was {recorded[k]!r})" if k in recorded else "(not recorded)")
+                     for k, v in settings.items() if k not in recorded or recorded[k] != v)
+
+
+def _backup_dir(out):
+    name = time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
+    backup, n = out / name, 1
+    while backup.exists():
+        n += 1
+        backup = out / f"{name}-{n}"
+    return backup
+
+
+def _put_back_cut_overwrite(out):
+    """An --overwrite killed while it moved the earlier run aside left part of it in <out>/.replacing: put it back,
+    so that `out` holds the earlier run whole again (a name taken meanwhile, which no run of ours does, leaves the
+    rest in a replaced-<time>/ dir)."""
+    staging = out / REPLACING
+    if not staging.is_dir():
+        return
+    for p in sorted(staging.iterdir()):
+        if not (out / p.name).exists():
+            p.rename(out / p.name)
+    if any(staging.iterdir()):
+        staging.rename(_backup_dir(out))
+    else:
+        staging.rmdir()
+    print(f"{out}: an --overwrite was cut off while moving the earlier run aside: its files are back in place",
+          flush=True)
+
+
+def _move_aside(out, keep):
+    """Move everything the earlier run left in `out` (but `keep`) to a new <out>/replaced-<time>/ in one rename:
+    gathered first in <out>/.replacing, which a kill leaves for the next start to put back."""
+    entries = _entries(out, keep)
+    if not [p for p in entries if p.name != SETTINGS]:  # a record that binds nothing is simply replaced
+        return
+    staging = out / REPLACING
+    staging.mkdir()
+    for p in entries:
+        p.rename(staging / p.name)
+    backup = _backup_dir(out)
+    staging.rename(backup)  # the one step that counts: before it the earlier run is whole, after it `out` is fresh
+    print(f"--overwrite: moved the earlier results of {out} to {backup}", flush=True)
+
+
+def _start_fresh(out, what):
+    return f"use another --out, or --overwrite to move {what} to {out}/replaced-<time>/ and start fresh"
+
+
+def _check_and_record(out, settings, overwrite, keep, resume):
+    """check_settings' work, on rank 0: every refusal comes before anything is moved or written."""
+    _put_back_cut_overwrite(out)
+    results = _results(out, keep)
+    recorded = _read_json(out / SETTINGS)
+    if results and recorded is None and not overwrite:
+        recorded = _checkpoints_record(out)
+        problem = "is damaged (not a JSON object)" if (out / SETTINGS).exists() else "is missing"
+        shown = ", ".join(p.name for p in results[:4]) + (f" and {len(results) - 4} more" if len(results) > 4 else "")
+        if recorded is None:
+            raise RunDirError(f"{out / SETTINGS} {problem}, so the results in {out} ({shown}) have no record of the "
+                              f"settings that made them; {_start_fresh(out, 'them')}")
+        print(f"{out / SETTINGS} {problem}: using the settings recorded in its checkpoints", flush=True)
+    if results and not overwrite and _differences(settings, recorded):
+        raise RunDirError(f"{out} holds a run with other settings: {_differences(settings, recorded)}; "
+                          f"{_start_fresh(out, 'its results')}")
+    if resume and resume != "auto" and (Path(resume) / MARKER).is_file():
+        written = (_read_json(Path(resume) / MARKER) or {}).get("settings")
+        if written is None:
+            print(f"--resume {resume}: written before checkpoints recorded their settings; not compared", flush=True)
+        elif _differences(settings, written):
+            raise RunDirError(f"--resume {resume} was written by a run with other settings: "
+                              f"{_differences(settings, written)}; resume it with those, or start without --resume")
+    if overwrite:
+        _move_aside(out, keep)
+    write_text(out / SETTINGS, json.dumps(settings, indent=2) + "\n")
+
+
+def check_settings(out, settings: dict, overwrite=False, keep=(), resume=None):
+    """Record `settings` in <out>/run_settings.json, or check them against those recorded with the results there.
+
+    Results without a record (run_settings.json missing or damaged, and no checkpoint marker carrying one) are
+    refused, not taken for a fresh start; a run that stopped before writing any result binds nothing. A difference
+    raises RunDirError naming each differing setting (new value, then recorded), unless `overwrite`: then everything
+    the earlier run left in `out` moves to <out>/replaced-<UTC time>/ in one rename (a kill during the move leaves the
+    earlier run, put back whole by the next start) and the run starts fresh. Files named in `keep` stay (caches that
+    check their own validity, like train_dpo's ref_logps.pt). `resume`, a checkpoint dir, must have been written
+    with the same settings (its marker carries them). Rank 0 decides; under torchrun every rank learns the outcome
+    before any writes into `out`. Call after lock_out_dir.
     """
     out = Path(out)
-    path = out / SETTINGS
-    # settings guard results: a run that stopped before writing any (bad input, say) binds no later run
-    recorded = json.loads(path.read_text()) if path.exists() and _results(out, keep=[SETTINGS]) else None
-    if overwrite:
-        if _rank() == 0 and _results(out, keep):
-            backup = out / time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
-            backup.mkdir()
-            for p in _results(out, keep):
-                p.rename(backup / p.name)
-            print(f"--overwrite: moved the earlier results of {out} to {backup}", flush=True)
-        recorded = None
-    elif recorded is not None and recorded != settings:
-        keys = [k for k in {**recorded, **settings} if recorded.get(k) != settings.get(k)]
-        shown = ", ".join(f"{k} {settings.get(k)!r} (was {recorded.get(k)!r})" for k in keys)
-        raise RunDirError(f"{out} holds a run with other settings: {shown}; use another --out, or --overwrite to "
-                          f"move its results to {out}/replaced-<time>/ and start fresh")
-    if recorded is None and _rank() == 0:
-        write_text(path, json.dumps(settings, indent=2) + "\n")
-    barrier()  # no rank writes into `out` before rank 0 has moved the old results away
+    error = None
+    if _rank() == 0:
+        try:
+            _check_and_record(out, settings, overwrite, keep, resume)
+        except Exception as e:
+            error = e
+    if _distributed():
+        if error is not None:  # said before the collective: once it returns the others exit and torchrun stops this one
+            if isinstance(error, RunDirError):
+                print(f"error: {error}", file=sys.stderr, flush=True)
+            else:
+                traceback.print_exception(error)
+        failed = [error is not None]
+        dist.broadcast_object_list(failed, src=0)
+        if failed[0]:
+            raise SystemExit(1)
+    if error is not None:
+        raise error
+    _records[out.resolve()] = settings
 
 
 # -----------------------------------------------------------------------------
@@ -264,7 +388,8 @@ def prune_checkpoints(out_dir, keep, current):
 @contextmanager
 def checkpoint(ckpt, keep=0, final=False):
     """Write a checkpoint dir in the body (every rank enters): the marker is removed first (a dir of an earlier run
-    being rewritten is not complete any more) and written last, by rank 0, once every rank's files are in place;
+    being rewritten is not complete any more) and written last, by rank 0, once every rank's files are in place,
+    with the settings check_settings recorded for the run (so a --resume from another --out is checked too);
     then older checkpoints beyond `keep` are removed. `final` dirs get no marker and are never pruned."""
     ckpt = Path(ckpt)
     if _rank() == 0:
@@ -275,5 +400,6 @@ def checkpoint(ckpt, keep=0, final=False):
     barrier()
     if _rank() == 0 and not final:
         write_text(ckpt / MARKER, json.dumps({"step": _step(ckpt), "world_size": int(os.environ.get("WORLD_SIZE", 1)),
-                                              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+                                              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                              "settings": _records.get(ckpt.parent.resolve())}) + "\n")
         prune_checkpoints(ckpt.parent, keep, ckpt)

@@ -65,6 +65,8 @@ def test_torn_checkpoints_are_skipped_and_only_n_kept(toy_setup, tmp_path):
     full = read_metrics(full_dir)
     assert ckpt_dirs(full_dir) == ["ckpt-4", "ckpt-6", "ckpt-8"]
     assert all((full_dir / c / MARKER).is_file() for c in ckpt_dirs(full_dir))
+    record = json.loads((full_dir / "run_settings.json").read_text())  # each marker carries it (see test_settings.py)
+    assert all(json.loads((full_dir / c / MARKER).read_text())["settings"] == record for c in ckpt_dirs(full_dir))
 
     out.mkdir()
     for name in ("ckpt-4", "ckpt-6", "ckpt-8", "run_settings.json"):

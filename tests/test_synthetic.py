@@ -206,6 +206,7 @@ def test_a_killed_run_redoes_the_partial_prompt(setup, toy_run, tmp_path):
     lines = full.splitlines(keepends=True)
     out = tmp_path / "killed"
     out.mkdir()
+    shutil.copy(toy_run / "run_settings.json", out)  # written at the start of the killed run
     (out / "samples.jsonl").write_bytes(b"".join(lines[:3 * N + 2]) + lines[3 * N + 2][:25])
     proc = gen(setup, out, *TOY_ARGS)
     assert "8 prompts: 3 done before, 5 to sample" in proc.stdout
@@ -245,6 +246,7 @@ def test_two_ranks_resume_a_one_process_run_with_the_same_files(setup, toy_run, 
     lines = (toy_run / "samples.jsonl").read_bytes().splitlines(keepends=True)
     out = tmp_path / "ranks"
     out.mkdir()
+    shutil.copy(toy_run / "run_settings.json", out)  # written at the start of the killed run
     (out / "samples.jsonl").write_bytes(b"".join(lines[:2 * N + 1]) + lines[2 * N + 1][:25])
     proc = run_script("gen_synthetic.py", "--model", setup["policy"], "--prompts", setup["prompts"],
                       "--num-samples", N, "--out", out, *CPU, "--reward", "toy", "--min-gap", 0.5, "--batch-size", 2,
