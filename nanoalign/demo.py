@@ -145,8 +145,10 @@ def main(argv=None):
     print("(win rate: ties excluded, Wilson interval; LC: length-controlled win rate, paired bootstrap interval;\n"
           " reward: mean reward; tokens: mean answer length)")
     synth_summary = json.loads((synth / "summary.json").read_text())
+    lengths = synth_summary["pair_lengths"]
     print(f"synthetic: {synth_summary['pairs']} pairs from {synth_summary['prompts']} prompts "
-          f"(mean sample reward {synth_summary['mean_score']:.3f})")
+          f"(mean sample reward {synth_summary['mean_score']:.3f}); chosen/rejected tokens "
+          f"{lengths['mean_chosen_tokens']:.2f}/{lengths['mean_rejected_tokens']:.2f}")
     (out / "results.json").write_text(json.dumps(dict(evals=results, synthetic=synth_summary,
                                                       seconds=round(time.time() - t0, 1)), indent=2) + "\n")
     figures = write_figures(out, results)

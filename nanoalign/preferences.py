@@ -188,8 +188,8 @@ def length_controlled(verdicts, delta_tokens, resamples=BOOTSTRAP["resamples"], 
         delta_tokens: tokens_a - tokens_b per prompt.
     Returns:
         dict: lc_win_rate, lc_ci95, bootstrap_ci95 (the raw rate's), length_model ({intercept, slope,
-        sd_delta_tokens}: None where no model was fitted), bootstrap ({resamples, seed}); None where nothing is
-        decided.
+        sd_delta_tokens}: None where no model was fitted), bootstrap ({resamples, seed}). Where no prompt is
+        decided, every value but bootstrap is None (JSON null).
     """
     assert len(verdicts) == len(delta_tokens) and set(verdicts) <= {"a", "b", "tie"}
     cells, sizes = np.unique(np.array([[d, {"b": 0, "a": 1, "tie": 2}[v]] for v, d in zip(verdicts, delta_tokens)],
@@ -205,5 +205,7 @@ def length_controlled(verdicts, delta_tokens, resamples=BOOTSTRAP["resamples"], 
         with np.errstate(invalid="ignore", divide="ignore"):
             raw = counts[:, decided] @ won / counts[:, decided].sum(1)
         result["bootstrap_ci95"] = _percentile_interval(raw)
-        result["lc_ci95"] = _percentile_interval(_lc_fit(delta, won, counts[:, decided])[0])
+        chunks = -(-resamples * len(delta) // 1_000_000)  # about 8 MB per [resamples, cells] array at a time
+        result["lc_ci95"] = _percentile_interval(np.concatenate(
+            [_lc_fit(delta, won, part)[0] for part in np.array_split(counts[:, decided], chunks)]))
     return result
