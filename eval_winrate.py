@@ -10,9 +10,13 @@
 
 Both sides answer each prompt with the same sampling settings (greedy by default) and are scored by the same
 reward. Reported: win rate = wins / (wins + losses), ties counted but excluded; a Wilson 95% interval on it;
-mean reward of each side; the margin-weighted win rate. Writes <out>/per_prompt.jsonl (appended as it goes, one part
-file per rank merged by rank 0 in prompt order: a restarted run, on any number of GPUs, skips prompts already judged)
-and <out>/summary.json. A prompt's answers depend only on (--seed, prompt_id), both sides drawing the same random
+the length-controlled win rate (AlpacaEval 2.0's: a logistic fit of the verdicts on tanh(dlen / sd(dlen)), read
+at equal length; nanoalign/preferences.py); paired bootstrap 95% intervals of both rates (1,000 resamples of the
+prompts, seed 0); mean reward of each side; the margin-weighted win rate; each side's answer lengths in tokens
+(mean, median, share empty, share cut at --max-new-tokens). Writes <out>/per_prompt.jsonl (the answers, their
+scores, lengths and whether they finished, the verdict; appended as it goes, one part file per rank merged by
+rank 0 in prompt order: a restarted run, on any number of GPUs, skips prompts already judged) and
+<out>/summary.json. A prompt's answers depend only on (--seed, prompt_id), both sides drawing the same random
 numbers. Both answers to a prompt are scored in one reward call, so an answer both sides gave is an exact tie; a
 prompt whose answer the reward endpoint refuses (HTTP 400/413/422) is judged "skipped" and counted apart. Values
 with nothing to average are null in summary.json.
@@ -34,7 +38,7 @@ from nanoalign.errors import InputError
 from nanoalign.jsonl import ShardedJsonl, write_json
 from nanoalign.lora import load_merged
 from nanoalign.model import check_vocab
-from nanoalign.preferences import win_rate
+from nanoalign.preferences import BOOTSTRAP, answer_lengths, length_controlled, win_rate
 from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
 from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
 from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int, probability,
@@ -149,13 +153,15 @@ if todo:
         return "a" if score_a - score_b > args.tie_eps else "b" if score_b - score_a > args.tie_eps else "tie"
 
     def answer(model, prompt_ids, ids):
-        if isinstance(model, HttpPolicy):
-            answers = model.sample(list(zip(prompt_ids, ids)))  # (text, n_tokens, finished) each
-            return [text for text, _, _ in answers], sum(n for _, n, _ in answers)
+        """[(text, tokens, finished)] per prompt: tokens = the answer's length, its stop token not counted."""
+        if isinstance(model, HttpPolicy):  # usage.completion_tokens counts the stop token (vLLM, SGLang)
+            return [(text, max(n - finished, 0), finished)
+                    for text, n, finished in model.sample(list(zip(prompt_ids, ids)))]
         outputs = generate(model, prompt_ids, args.max_new_tokens, chat.stop_ids, chat.pad_id, args.temperature,
                            args.top_k, args.top_p, seed=args.seed, vocab_limit=chat.vocab_size, keys=ids,
                            compile=False if args.eager else None)
-        return [chat.decode(o) for o in outputs], sum(map(len, outputs))
+        finished = [bool(o) and o[-1] in chat.stop_ids for o in outputs]
+        return [(chat.decode(o), len(o) - f, f) for o, f in zip(outputs, finished)]
 
     progress = Progress(len(todo), "prompts", enabled=d.is_main, unit="prompts")
     for start in range(0, len(todo), args.batch_size):
@@ -164,19 +170,19 @@ if todo:
         conversations = [messages for _, messages in chunk]
         prompt_ids = [chat.render_prompt(m)[-args.max_prompt_len:] for m in conversations]
         t0 = time.time()
-        texts_a, new_tokens = answer(model_a, prompt_ids, ids)
+        answers_a = answer(model_a, prompt_ids, ids)
         if model_b is not None:
-            texts_b, new_b = answer(model_b, prompt_ids, ids)
-            new_tokens += new_b
-        else:
-            texts_b = [stored[pid] for pid in ids]
+            answers_b = answer(model_b, prompt_ids, ids)
+        else:  # stored text: its length by our tokenizer, its ending unknown
+            answers_b = [(stored[pid], len(chat.encode(stored[pid])), None) for pid in ids]
         t1 = time.time()
+        new_tokens = sum(n + f for _, n, f in answers_a + (answers_b if model_b is not None else []))  # stop ids too
         # both sides in one call: an answer both models gave is scored once, an exact tie
-        scores = reward.score(conversations * 2, texts_a + texts_b, ids=ids * 2)
+        scores = reward.score(conversations * 2, [t for t, _, _ in answers_a + answers_b], ids=ids * 2)
         judged.append([dict(prompt_id=pid, prompt=m, response_a=ta, response_b=tb, score_a=sa, score_b=sb,
-                            winner=verdict(sa, sb))
-                       for pid, m, ta, tb, sa, sb in zip(ids, conversations, texts_a, texts_b, scores[:len(chunk)],
-                                                         scores[len(chunk):])])
+                            winner=verdict(sa, sb), tokens_a=na, tokens_b=nb, finished_a=fa, finished_b=fb)
+                       for pid, m, (ta, na, fa), (tb, nb, fb), sa, sb in zip(
+                           ids, conversations, answers_a, answers_b, scores[:len(chunk)], scores[len(chunk):])])
         progress.update(len(chunk), rate(new_tokens, t1 - t0, "new tok"),
                         rate(2 * len(chunk), time.time() - t1, "scores"))
     progress.close()
@@ -192,12 +198,34 @@ summary = dict(name_a=args.name_a, name_b=args.name_b, reward=args.reward, inter
                **win_rate([r["score_a"] for r in scored], [r["score_b"] for r in scored], args.tie_eps),
                skipped=len(rows) - len(scored),
                sampling=dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                             max_new_tokens=args.max_new_tokens, seed=args.seed))
+                             max_new_tokens=args.max_new_tokens, seed=args.seed),
+               **length_controlled([r["winner"] for r in scored], [r["tokens_a"] - r["tokens_b"] for r in scored]),
+               # every answer's length, skipped prompts' too (an endpoint refuses the longest answers first)
+               lengths={side: answer_lengths([r[f"response_{side}"] for r in rows], [r[f"tokens_{side}"] for r in rows],
+                                             [r[f"finished_{side}"] for r in rows]) for side in ("a", "b")},
+               models=dict(a=dict(model=args.model_a, adapters=args.adapter_a, policy_url=args.policy_url_a),
+                           b=dict(model=args.model_b, adapters=args.adapter_b, policy_url=args.policy_url_b,
+                                  responses=args.responses_b)))
 write_json(out / "summary.json", summary)
-low, high = summary["ci95"]
-shown_rate, mean_a, mean_b = (f"{summary[k]:.3f}" if summary[k] is not None else "n/a"
-                        for k in ("win_rate", "mean_reward_a", "mean_reward_b"))
+
+
+def show(x, fmt=".3f"):
+    return "n/a" if x is None else f"{x:{fmt}}"
+
+
+def interval(ci):
+    return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 skipped = f", {summary['skipped']} skipped (refused by the reward endpoint)" if summary["skipped"] else ""
-print(f"{args.name_a} vs {args.name_b}: win rate {shown_rate} [{low:.3f}, {high:.3f}] "
-      f"({summary['wins']}W/{summary['losses']}L/{summary['ties']}T of {summary['n']}{skipped}); "
-      f"mean reward {mean_a} vs {mean_b}")
+print(f"{args.name_a} vs {args.name_b}: {summary['wins']}W/{summary['losses']}L/{summary['ties']}T of "
+      f"{summary['n']}{skipped}; mean reward {show(summary['mean_reward_a'])} vs {show(summary['mean_reward_b'])}")
+print(f"  {'':<18} {'rate':>6}  {'95% CI Wilson':<16} 95% CI paired bootstrap ({BOOTSTRAP['resamples']} resamples)")
+print(f"  {'win rate':<18} {show(summary['win_rate']):>6}  {interval(summary['ci95']):<16} "
+      f"{interval(summary['bootstrap_ci95'])}")
+print(f"  {'length-controlled':<18} {show(summary['lc_win_rate']):>6}  {'':<16} {interval(summary['lc_ci95'])}")
+print(f"  {'answer tokens':<18} {'mean':>6}  {'median':>6}  {'empty':>6}  cut at --max-new-tokens")
+for side, name in (("a", args.name_a), ("b", args.name_b)):
+    length = summary["lengths"][side]
+    print(f"  {name[:18]:<18} {show(length['mean_tokens'], '.1f'):>6}  {show(length['median_tokens'], 'g'):>6}  "
+          f"{show(length['empty_share'], '.1%'):>6}  {show(length['truncated_share'], '.1%')}")

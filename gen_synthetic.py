@@ -10,7 +10,9 @@
 
 Writes <out>/samples.jsonl (every scored completion; while running, each rank appends to its own
 samples.part<r>-of-<N>.jsonl, merged by rank 0 in prompt order at the end), <out>/pairs.jsonl (prompt, chosen,
-rejected, scores, whether each answer finished: train_dpo.py reads it) and <out>/summary.json. Killed and restarted
+rejected, scores, whether each answer finished, their lengths in tokens: train_dpo.py reads it) and
+<out>/summary.json (counts, mean score, and pair_lengths: mean chosen vs rejected length, the share of pairs whose
+chosen answer is longer, the median difference; pairs whose chosen side is longer teach length). Killed and restarted
 with the same arguments (on any number of GPUs), it skips the prompts already done; a failing reward endpoint stops
 it after its retries with everything so far on disk. Sample k of a prompt depends only on (--seed, prompt_id, k), so
 the files are the same whatever the number of ranks, the --batch-size or the point where a run was resumed.
@@ -35,7 +37,7 @@ from nanoalign.engine import Engine
 from nanoalign.jsonl import ShardedJsonl, write_json, write_jsonl
 from nanoalign.lora import load_merged
 from nanoalign.model import check_vocab
-from nanoalign.preferences import best_worst_pair, text_similarity
+from nanoalign.preferences import best_worst_pair, pair_lengths, text_similarity
 from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
 from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
 from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int, probability,
@@ -215,11 +217,15 @@ for pid, group in by_prompt.items():
         continue
     pairs.append(dict(prompt_id=pid, prompt=group[0]["prompt"], chosen=best["response"], rejected=worst["response"],
                       score_chosen=best["score"], score_rejected=worst["score"],
-                      chosen_finished=best["finished"], rejected_finished=worst["finished"]))
+                      chosen_finished=best["finished"], rejected_finished=worst["finished"],
+                      # the answers' lengths, their stop token not counted (as eval_winrate.py's tokens_a/b)
+                      chosen_tokens=best["n_tokens"] - best["finished"],
+                      rejected_tokens=worst["n_tokens"] - worst["finished"]))
 write_jsonl(out / "pairs.jsonl", pairs)
 scores = [s["score"] for s in rows if s["score"] is not None]  # None: refused by the reward endpoint
 summary = dict(prompts=len(by_prompt), samples=len(rows), pairs=len(pairs), **dropped,
                skipped=len(rows) - len(scores), mean_score=sum(scores) / len(scores) if scores else None,
-               truncated=sum(not s["finished"] for s in rows), empty=sum(not s["response"].strip() for s in rows))
+               truncated=sum(not s["finished"] for s in rows), empty=sum(not s["response"].strip() for s in rows),
+               pair_lengths=pair_lengths([p["chosen_tokens"] for p in pairs], [p["rejected_tokens"] for p in pairs]))
 write_json(out / "summary.json", summary)
 print(json.dumps(summary))

@@ -17,7 +17,8 @@ would run them:
 The margins are wide on purpose, so that the conclusions do not hang on one lucky seed or on float differences
 between CPUs (README lists three --seed values; --threads changes the scripts' summation order).
 
-It prints a table of win rates and mean rewards and writes <out>/results.json, and with matplotlib
+It prints a table of win rates (raw and length-controlled), mean rewards and answer lengths and writes
+<out>/results.json, and with matplotlib
 <out>/curves.png and <out>/winrates.png.
 """
 import argparse
@@ -132,15 +133,22 @@ def main(argv=None):
              log=out / f"logs/{eval_out.name}.log")
         results[name] = json.loads((eval_out / "summary.json").read_text())
 
-    print(f"\n{'held-out prompts':<16} {'win rate':>9} {'95% CI (Wilson)':>17} {'W/L/T':>11} {'mean reward A / B':>19}")
+    print(f"\n{'held-out prompts':<16} {'win rate':>8} {'95% CI':>15} {'LC rate':>7} {'95% CI':>15} {'W/L/T':>11} "
+          f"{'reward A/B':>11} {'tokens A/B':>10}")
     for name, r in results.items():
-        ci = "[{:.3f}, {:.3f}]".format(*r["ci95"])
+        ci, lc_ci = ("[{:.3f}, {:.3f}]".format(*c) if c else "n/a" for c in (r["ci95"], r["lc_ci95"]))
+        lc = "n/a" if r["lc_win_rate"] is None else f"{r['lc_win_rate']:.3f}"
         wlt = f"{r['wins']}/{r['losses']}/{r['ties']}"
-        means = f"{r['mean_reward_a']:.3f} / {r['mean_reward_b']:.3f}"
-        print(f"{name:<16} {r['win_rate']:>9.3f} {ci:>17} {wlt:>11} {means:>19}")
+        means = f"{r['mean_reward_a']:.3f}/{r['mean_reward_b']:.3f}"
+        tokens = f"{r['lengths']['a']['mean_tokens']:.1f}/{r['lengths']['b']['mean_tokens']:.1f}"
+        print(f"{name:<16} {r['win_rate']:>8.3f} {ci:>15} {lc:>7} {lc_ci:>15} {wlt:>11} {means:>11} {tokens:>10}")
+    print("(win rate: ties excluded, Wilson interval; LC: length-controlled win rate, paired bootstrap interval;\n"
+          " reward: mean reward; tokens: mean answer length)")
     synth_summary = json.loads((synth / "summary.json").read_text())
+    lengths = synth_summary["pair_lengths"]
     print(f"synthetic: {synth_summary['pairs']} pairs from {synth_summary['prompts']} prompts "
-          f"(mean sample reward {synth_summary['mean_score']:.3f})")
+          f"(mean sample reward {synth_summary['mean_score']:.3f}); chosen/rejected tokens "
+          f"{lengths['mean_chosen_tokens']:.2f}/{lengths['mean_rejected_tokens']:.2f}")
     (out / "results.json").write_text(json.dumps(dict(evals=results, synthetic=synth_summary,
                                                       seconds=round(time.time() - t0, 1)), indent=2) + "\n")
     figures = write_figures(out, results)

@@ -1,14 +1,18 @@
 """Pure pieces behind gen_synthetic.py and eval_winrate.py, against numbers worked out by hand: the win rate with
-ties excluded, its Wilson interval, the margin-weighted win rate, the (best, worst) pair of a prompt's samples,
-and the kill-proof JSONL (torn last line dropped, atomic rewrite, errors that name file:line)."""
+ties excluded, its Wilson interval, the margin-weighted win rate, the length-controlled win rate and its bootstrap
+intervals (closed forms, a likelihood grid search), answer and pair lengths, the (best, worst) pair of a prompt's
+samples, and the kill-proof JSONL (torn last line dropped, atomic rewrite, errors that name file:line)."""
 import json
 import math
+import statistics
 
+import numpy as np
 import pytest
 
 from nanoalign import jsonl
 from nanoalign.jsonl import ResumableJsonl, read_jsonl
-from nanoalign.preferences import best_worst_pair, wilson_interval, win_rate
+from nanoalign.preferences import (answer_lengths, best_worst_pair, length_controlled, pair_lengths, wilson_interval,
+                                   win_rate)
 
 Z = 1.959964
 Z2 = 3.841458881  # Z * Z = (1.96 - 0.000036)^2 = 3.8416 - 0.00014112 + 0.0000000013
@@ -110,6 +114,123 @@ def test_wilson_endpoints_solve_the_score_equation(wins, n):
         assert (p_hat - p) ** 2 == pytest.approx(Z * Z * p * (1 - p) / n, abs=1e-12)
     assert 0.0 <= low <= p_hat <= high <= 1.0 + 1e-12
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+# -----------------------------------------------------------------------------
+# length-controlled win rate: P(A wins) = sigmoid(a + b tanh(dlen / sd)), LC = sigmoid(a)
+
+def cells(*groups):
+    """verdicts and length differences from (delta, wins, losses, ties) groups."""
+    verdicts, deltas = [], []
+    for delta, wins, losses, ties in groups:
+        verdicts += ["a"] * wins + ["b"] * losses + ["tie"] * ties
+        deltas += [delta] * (wins + losses + ties)
+    return verdicts, deltas
+
+
+def test_lc_when_length_explains_every_win():
+    # A is longer by 10 tokens on 800 prompts and wins 95% of them, equal length on 40 (wins half), shorter by 10
+    # on 40 (wins 5%); 30 ties. Raw: 782 / 880 = 0.889. The win log-odds at the three lengths, ln 19, 0 and
+    # -ln 19, lie on a line in x = tanh(dlen / sd), so the two-parameter fit is exact there: a = 0, b = ln 19 / x+,
+    # and at equal length A wins half the time.
+    r = length_controlled(*cells((10, 760, 40, 30), (0, 20, 20, 0), (-10, 2, 38, 0)))
+    sd = statistics.stdev([10] * 800 + [0] * 40 + [-10] * 40)  # decided prompts only: 4.5707
+    assert sd == pytest.approx(10 * math.sqrt((800 * (120 / 880) ** 2 + 40 * (760 / 880) ** 2
+                                              + 40 * (1640 / 880) ** 2) / 879))
+    model = r["length_model"]
+    assert model["sd_delta_tokens"] == pytest.approx(sd, rel=1e-12)
+    assert model["slope"] == pytest.approx(math.log(19) / math.tanh(10 / sd), rel=1e-4)  # 3.0195 (ridge: 1e-5)
+    assert model["intercept"] == pytest.approx(0.0, abs=1e-4)
+    assert r["lc_win_rate"] == pytest.approx(0.5, abs=1e-4)
+    lo, hi = r["lc_ci95"]
+    assert lo < 0.5 < hi < 782 / 880  # the interval holds 0.5, not the raw rate
+    # the raw rate's bootstrap interval is close to the normal approximation p -+ 1.96 sqrt(p (1 - p) / n)
+    p = 782 / 880
+    half = 1.959964 * math.sqrt(p * (1 - p) / 880)  # 0.0208
+    assert r["bootstrap_ci95"] == pytest.approx([p - half, p + half], abs=3e-3)
+    assert r["bootstrap"] == {"resamples": 1000, "seed": 0}
+    assert length_controlled(*cells((10, 760, 40, 30), (0, 20, 20, 0), (-10, 2, 38, 0))) == r  # fixed seed
+
+
+def test_lc_equals_raw_when_length_is_unrelated_to_the_verdict():
+    # the same 7 wins in 10 at every length difference: the likelihood's slope equation sum (y - p) x = 0 holds
+    # at p = 0.7 everywhere, so b = 0 (the ridge pulls towards 0 too) and LC = raw = 0.7
+    r = length_controlled(*cells(*[(delta, 7, 3, 2) for delta in (-6, -2, 0, 3, 8, 20)]))
+    assert r["length_model"]["slope"] == pytest.approx(0.0, abs=1e-9)
+    assert r["length_model"]["intercept"] == pytest.approx(math.log(0.7 / 0.3), abs=1e-9)
+    assert r["lc_win_rate"] == pytest.approx(0.7, abs=1e-9)
+    for name in ("lc_ci95", "bootstrap_ci95"):
+        lo, hi = r[name]
+        assert lo < 0.7 < hi and 0.05 < hi - lo < 0.35, name  # 60 decided prompts: +-0.12 or so
+
+
+def test_lc_matches_a_likelihood_grid_search():
+    # noisy verdicts, lengths from -30 to 40: the fitted (a, b) maximise the log-likelihood of a fine grid
+    rng = np.random.default_rng(3)
+    deltas = rng.integers(-30, 41, 300)
+    won = rng.random(300) < 1 / (1 + np.exp(-(0.4 + 1.2 * np.tanh(deltas / deltas.std()))))
+    r = length_controlled(["a" if w else "b" for w in won], deltas.tolist())
+    x = np.tanh(deltas / statistics.stdev(deltas.tolist()))
+
+    def grid_max(a_values, b_values):
+        a, b = np.meshgrid(a_values, b_values, indexing="ij")
+        z = a[..., None] + b[..., None] * x                               # [grid a, grid b, prompts]
+        loglik = (won * z - np.logaddexp(0, z)).sum(-1)
+        i, j = np.unravel_index(loglik.argmax(), loglik.shape)
+        assert 0 < i < a.shape[0] - 1 and 0 < j < a.shape[1] - 1  # the maximum is inside the grid
+        return a[i, j], b[i, j]
+
+    a0, b0 = grid_max(np.arange(-1, 2, 0.05), np.arange(-1, 3, 0.05))    # coarse, then fine around its best
+    a, b = grid_max(np.arange(a0 - 0.06, a0 + 0.06, 0.001), np.arange(b0 - 0.06, b0 + 0.06, 0.001))
+    model = r["length_model"]
+    assert model["intercept"] == pytest.approx(a, abs=1e-3) and model["slope"] == pytest.approx(b, abs=1e-3)
+    assert r["lc_win_rate"] == pytest.approx(1 / (1 + math.exp(-a)), abs=3e-4)
+    for name, point in (("lc_ci95", r["lc_win_rate"]), ("bootstrap_ci95", won.mean())):
+        lo, hi = r[name]
+        assert lo < point < hi, name  # the bootstrap interval holds the point estimate
+
+
+def test_lc_degenerate_cases():
+    none = dict(lc_win_rate=None, lc_ci95=None, bootstrap_ci95=None, length_model=None,
+                bootstrap={"resamples": 1000, "seed": 0})
+    assert length_controlled(*cells((3, 0, 0, 4), (-2, 0, 0, 1))) == none  # all ties: nothing decided
+    assert length_controlled([], []) == none
+    # one decided prompt among ties: no length term to fit, LC = raw = 1; a resample that misses it is left out
+    r = length_controlled(*cells((5, 1, 0, 0), (0, 0, 0, 3)))
+    assert (r["lc_win_rate"], r["length_model"], r["lc_ci95"], r["bootstrap_ci95"]) == (1.0, None, [1.0, 1.0],
+                                                                                          [1.0, 1.0])
+    # one length difference for every prompt: sd 0, no division by it, LC = raw in the estimate and every resample
+    r = length_controlled(*cells((4, 6, 2, 1)))
+    assert r["lc_win_rate"] == 0.75 and r["length_model"] is None and r["lc_ci95"] == r["bootstrap_ci95"]
+    # every decided prompt won, lengths varied: the likelihood rises towards a = +inf, whose limit is LC = 1 = raw
+    r = length_controlled(*cells((4, 6, 0, 1), (-3, 2, 0, 0), (9, 1, 0, 0)))
+    assert (r["lc_win_rate"], r["length_model"], r["lc_ci95"]) == (1.0, None, [1.0, 1.0])
+    assert length_controlled(*cells((4, 0, 6, 1), (-3, 0, 2, 0)))["lc_win_rate"] == 0.0
+
+
+def test_lc_stays_finite_when_length_separates_wins_from_losses():
+    # every longer answer wins, every shorter one loses: the maximum likelihood has b = +inf; the ridge on b keeps
+    # it finite. Symmetric lengths and counts: a = 0 by symmetry, LC = 0.5
+    r = length_controlled(*cells((4, 5, 0, 0), (-4, 0, 5, 0)))
+    assert r["lc_win_rate"] == pytest.approx(0.5, abs=1e-9) and 5 < r["length_model"]["slope"] < 50
+    json.dumps(r, allow_nan=False)
+    # two longer answers won, one shorter lost, and one of equal length won: still finite, strict JSON
+    r = length_controlled(*cells((4, 2, 0, 0), (-4, 0, 1, 0), (0, 1, 0, 0)))
+    assert 0.5 < r["lc_win_rate"] < 1 and all(math.isfinite(v) for v in r["length_model"].values())
+    json.dumps(r, allow_nan=False)
+
+
+def test_answer_and_pair_lengths():
+    r = answer_lengths(["9", "", " \n", "The answer is 9."], [1, 0, 1, 6], [True, True, False, True])
+    assert r == dict(mean_tokens=2.0, median_tokens=1.0, empty_share=0.5, truncated_share=0.25)
+    r = answer_lengths(["a", "b c"], [1, 2], [None, None])  # stored answers: endings unknown
+    assert r == dict(mean_tokens=1.5, median_tokens=1.5, empty_share=0.0, truncated_share=None)
+    assert set(answer_lengths([], [], []).values()) == {None}
+    # chosen - rejected: +3, 0, -1, +5 -> mean 6.5 vs 4.75, longer in 2 of 4, median of (-1, 0, 3, 5) = 1.5
+    r = pair_lengths([5, 4, 2, 15], [2, 4, 3, 10])
+    assert r == dict(mean_chosen_tokens=6.5, mean_rejected_tokens=4.75, chosen_longer_share=0.5,
+                     median_delta_tokens=1.5)
+    assert set(pair_lengths([], []).values()) == {None}
 
 
 # -----------------------------------------------------------------------------

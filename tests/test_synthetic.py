@@ -15,6 +15,7 @@ import math
 import random
 import re
 import shutil
+import statistics
 import threading
 from types import SimpleNamespace
 
@@ -25,7 +26,7 @@ from nanoalign import toy
 from nanoalign.chat import load_chat
 from nanoalign.data import prompt_records, read_records
 from nanoalign.model import CausalLM, ModelConfig, load_model, save_model
-from nanoalign.preferences import win_rate
+from nanoalign.preferences import length_controlled, win_rate
 from nanoalign.engine import generate_texts
 from tests.fixtures import cached_toy_setup, json_server, read_metrics, run_script, write_jsonl
 
@@ -152,9 +153,10 @@ def check_pairs(out, keep_truncated):
         group = usable[p["prompt_id"]]
         assert (p["score_chosen"], p["score_rejected"]) == expected[p["prompt_id"]]
         for side in ("chosen", "rejected"):
-            (sample,) = {(r["response"], r["finished"]) for r in group
+            (sample,) = {(r["response"], r["finished"], r["n_tokens"]) for r in group
                          if r["score"] == p[f"score_{side}"] and r["response"] == p[side]}
             assert p[f"{side}_finished"] is sample[1]
+            assert p[f"{side}_tokens"] == sample[2] - sample[1]  # the answer's length: its stop token not counted
         assert p["prompt"] == group[0]["prompt"]
 
     summary = json.loads((out / "summary.json").read_text())
@@ -163,8 +165,21 @@ def check_pairs(out, keep_truncated):
                            prompts_below_gap=8 - len(pairs), skipped=0,
                            mean_score=pytest.approx(sum(r["score"] for r in rows) / len(rows)),
                            truncated=sum(not r["finished"] for r in rows),
-                           empty=sum(not r["response"].strip() for r in rows))
+                           empty=sum(not r["response"].strip() for r in rows),
+                           pair_lengths=pair_lengths_of(pairs))
     return pairs
+
+
+def pair_lengths_of(pairs):
+    """summary.json's pair_lengths, worked out from pairs.jsonl."""
+    if not pairs:
+        return dict.fromkeys(["mean_chosen_tokens", "mean_rejected_tokens", "chosen_longer_share",
+                              "median_delta_tokens"])
+    chosen, rejected = [p["chosen_tokens"] for p in pairs], [p["rejected_tokens"] for p in pairs]
+    return dict(mean_chosen_tokens=pytest.approx(statistics.mean(chosen)),
+                mean_rejected_tokens=pytest.approx(statistics.mean(rejected)),
+                chosen_longer_share=sum(c > r for c, r in zip(chosen, rejected)) / len(pairs),
+                median_delta_tokens=statistics.median(c - r for c, r in zip(chosen, rejected)))
 
 
 def test_pairs_are_best_and_worst_above_the_gap(setup, toy_run, tmp_path):
@@ -398,9 +413,11 @@ def evaluate(setup, out, *args, check=True, nproc=1):
                       *CPU, *args, check=check, nproc=nproc)
 
 
-def check_verdicts(out, prompts, tie_eps):
-    """per_prompt.jsonl rows scored by the toy reward, winners by the scores; summary = win_rate of them."""
+def check_verdicts(setup, out, prompts, tie_eps, served_a=False, stored_b=False):
+    """per_prompt.jsonl rows scored by the toy reward, winners by the scores, each answer's length in tokens and
+    whether it finished; summary = win_rate and length_controlled of them, and each side's lengths."""
     rows = read_rows(out / "per_prompt.jsonl")
+    chat = load_chat(setup["policy"])
     assert [r["prompt_id"] for r in rows] == [pid for pid, _ in prompts]
     for r, (_, messages) in zip(rows, prompts):
         assert r["prompt"] == messages
@@ -408,10 +425,26 @@ def check_verdicts(out, prompts, tie_eps):
         assert r["score_b"] == toy.reward(messages, r["response_b"])
         d = r["score_a"] - r["score_b"]
         assert r["winner"] == ("a" if d > tie_eps else "b" if d < -tie_eps else "tie")
+        for side in "ab":
+            tokens, finished = r[f"tokens_{side}"], r[f"finished_{side}"]
+            if side == "a" and served_a:  # the completions stub: usage.completion_tokens 2 (stopped) or 7 (cut)
+                assert tokens == (1 if finished else 7)
+            else:  # sampled here (--max-new-tokens 2: a 2-token answer was cut), or stored (ending unknown)
+                assert tokens == len(chat.encode(r[f"response_{side}"]))
+                assert finished is (None if side == "b" and stored_b else tokens < 2)
     summary = json.loads((out / "summary.json").read_text())
     expected = win_rate([r["score_a"] for r in rows], [r["score_b"] for r in rows], tie_eps)
+    expected.update(length_controlled([r["winner"] for r in rows], [r["tokens_a"] - r["tokens_b"] for r in rows]))
     for k, v in expected.items():
         assert summary[k] == (v if v is None else pytest.approx(v)), k
+    assert summary["bootstrap"] == {"resamples": 1000, "seed": 0}
+    for side in "ab":
+        tokens = [r[f"tokens_{side}"] for r in rows]
+        finished = [r[f"finished_{side}"] for r in rows]
+        assert summary["lengths"][side] == dict(
+            mean_tokens=pytest.approx(sum(tokens) / len(rows)), median_tokens=statistics.median(tokens),
+            empty_share=sum(not r[f"response_{side}"].strip() for r in rows) / len(rows),
+            truncated_share=None if None in finished else finished.count(False) / len(rows))
     return rows, summary
 
 
@@ -420,7 +453,7 @@ def test_eval_model_vs_model_and_rerun(setup, tmp_path):
     prompts = prompt_records(read_records(setup["eval_prompts"]))
     proc = evaluate(setup, out, "--model-b", setup["seven"], "--name-b", "sevens")
     assert "8 prompts: 0 judged before, 8 to go" in proc.stdout
-    rows, summary = check_verdicts(out, prompts, 0.0)
+    rows, summary = check_verdicts(setup, out, prompts, 0.0)
     # greedy answers, the same as sampling each model here
     chat = load_chat(setup["policy"])
     conversations = [m for _, m in prompts]
@@ -430,6 +463,9 @@ def test_eval_model_vs_model_and_rerun(setup, tmp_path):
     assert {r["response_a"] for r in rows} == {"9"} and {r["response_b"] for r in rows} == {"7"}
     assert set(Counter(r["winner"] for r in rows)) == {"a", "b", "tie"}
     assert (summary["name_a"], summary["name_b"], summary["reward"]) == ("nines", "sevens", "toy")
+    assert summary["models"] == dict(a=dict(model=str(setup["policy"]), adapters=[], policy_url=None),
+                                     b=dict(model=str(setup["seven"]), adapters=[], policy_url=None, responses=None))
+    assert summary["lengths"]["a"] == dict(mean_tokens=1.0, median_tokens=1.0, empty_share=0.0, truncated_share=0.0)
 
     judged, verdict = (out / "per_prompt.jsonl").read_bytes(), (out / "summary.json").read_bytes()
     proc = evaluate(setup, out, "--model-b", setup["seven"], "--name-b", "sevens")
@@ -448,7 +484,9 @@ def test_eval_model_vs_model_and_rerun(setup, tmp_path):
     assert "8 prompts: 0 judged before, 8 to go on 2 ranks" in proc.stdout
     for name in ("per_prompt.jsonl", "summary.json"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
-    assert len({r["response_a"] for r in read_rows(tmp_path / "one" / "per_prompt.jsonl")}) > 2  # really sampled
+    rows, _ = check_verdicts(setup, tmp_path / "one", prompts, 0.0)
+    assert len({r["response_a"] for r in rows}) > 2  # really sampled
+    assert {r["finished_a"] for r in rows} | {r["finished_b"] for r in rows} == {True, False}  # some were cut
 
 
 def test_eval_policy_url_against_a_local_model(setup, tmp_path):
@@ -458,7 +496,7 @@ def test_eval_policy_url_against_a_local_model(setup, tmp_path):
     with json_server(lambda *request: completion_reply(stub, *request)) as url:
         evaluate(setup, tmp_path / "served", "--policy-url-a", url, "--model-b", setup["seven"], "--name-b", "sevens",
                  "--seed", 3)
-    rows, _ = check_verdicts(tmp_path / "served", prompts, 0.0)
+    rows, _ = check_verdicts(setup, tmp_path / "served", prompts, 0.0, served_a=True)
     assert [r["response_a"] for r in rows] == [str(stream_key(3, pid)[0] % 10) for pid, _ in prompts]
     assert {r["response_b"] for r in rows} == {"7"} and len(stub.log) == len(prompts)
     assert {b["temperature"] for _, _, b in stub.log} == {0.0} and {b["model"] for _, _, b in stub.log} == \
@@ -479,11 +517,21 @@ def test_eval_model_vs_stored_responses(setup, tmp_path):
     path = write_jsonl(tmp_path / "answers.jsonl", [other] + stored[::-1])
 
     out = tmp_path / "stored"
-    evaluate(setup, out, "--responses-b", path, "--name-b", "stored", "--tie-eps", 0.2)
-    rows, summary = check_verdicts(out, prompts, 0.2)
+    proc = evaluate(setup, out, "--responses-b", path, "--name-b", "stored", "--tie-eps", 0.2)
+    rows, summary = check_verdicts(setup, out, prompts, 0.2, stored_b=True)
     assert [r["response_b"] for r in rows] == [s["response"] for s in stored]
     assert sorted({r["score_b"] for r in rows}) == [0.0, 0.1, 0.5, 1.0]
     assert summary["ties"] > 0 and summary["losses"] > 0
+    assert summary["lengths"]["b"]["truncated_share"] is None and summary["models"]["b"]["responses"] == str(path)
+    # the printed table: counts, both rates with their intervals, each side's lengths, in 100 columns
+    printed = proc.stdout[proc.stdout.index("nines vs stored:"):].splitlines()
+    assert printed[0].startswith(f"nines vs stored: {summary['wins']}W/{summary['losses']}L/{summary['ties']}T of 8;")
+    assert printed[2].split()[:3] == ["win", "rate", f"{summary['win_rate']:.3f}"]
+    assert printed[3].split() == ["length-controlled", f"{summary['lc_win_rate']:.3f}",
+                                  *(f"[{summary['lc_ci95'][0]:.3f},", f"{summary['lc_ci95'][1]:.3f}]")]
+    assert printed[6].split() == ["stored", f"{summary['lengths']['b']['mean_tokens']:.1f}",
+                                  f"{summary['lengths']['b']['median_tokens']:g}", "0.0%", "n/a"]
+    assert len(printed) == 7 and max(map(len, printed)) <= 100
 
     # a prompt without a stored response, a row without a response: errors that say so, before any model runs
     write_jsonl(path, stored[1:])
