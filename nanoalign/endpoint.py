@@ -12,11 +12,13 @@ refusal of one item (400, 413, 422: e.g. an input over the model's context) that
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import hashlib
 import http.client
+import io
 import json
 import math
 import os
 from pathlib import Path
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -53,11 +55,13 @@ class Stopped(Exception):
 class Endpoint:
     """POST JSON to one URL, many requests at a time.
 
-    Each request has a total deadline of `timeout` seconds (connect, send, headers and body together: a server
-    that trickles its reply is cut off at the deadline, not kept alive by every byte). 5xx, 429, timeouts,
-    connection errors and Retry raised by `parse` are retried `retries` times after backoff * 2^k seconds (or the
-    server's Retry-After, at most 60 s). The API key is read from the environment variable `api_key_env` at each
-    request; it is never an argument, never stored, and scrubbed from every message.
+    Each attempt has a total deadline of `timeout` seconds: connect, TLS handshake, send, status line, headers and
+    body together. Every socket call of an attempt waits at most the time left to that deadline, so no server keeps
+    an attempt alive past it, whatever it does byte by byte (trickled headers or body, `Connection: close` without
+    a Content-Length, chunks, accepting and never answering). 5xx, 429, timeouts, connection errors and Retry raised
+    by `parse` are retried `retries` times after backoff * 2^k seconds (or the server's Retry-After, at most 60 s).
+    The API key is read from the environment variable `api_key_env` at each request; it is never an argument, never
+    stored, and scrubbed from every message.
 
     stop() (called by map on Ctrl-C) aborts the requests in flight and every retry: workers raise Stopped.
     """
@@ -71,10 +75,12 @@ class Endpoint:
             raise InputError(f"{what} URL must be http(s)://host/..., got {url!r}")
         self.parts, self.url = parts, url
         self.where = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))  # no query string
+        self.target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        self.tls = ssl.create_default_context() if parts.scheme == "https" else None
         self.api_key_env, self.what = api_key_env, what
         self.timeout, self.retries, self.backoff, self.concurrency = timeout, retries, backoff, concurrency
         self.stopped = threading.Event()
-        self._live, self._lock = set(), threading.Lock()  # connections in flight, for stop()
+        self._live, self._lock = set(), threading.Lock()  # sockets in flight, for stop()
 
     # --- one item
 
@@ -95,39 +101,34 @@ class Endpoint:
 
     def _request(self, body: bytes, attempt: int) -> bytes:
         """One POST within the deadline. Raises Retry, Stopped, ClientError or EndpointError."""
-        if self.stopped.is_set():
-            raise Stopped()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        cls = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
-        conn = cls(self.parts.hostname, self.parts.port, timeout=self.timeout)
-        expired = threading.Event()
-        timer = threading.Timer(self.timeout, lambda: (expired.set(), _abort(conn)))
-        with self._lock:
-            self._live.add(conn)
-        timer.start()
+        deadline = time.monotonic() + self.timeout
+        socks = []  # this attempt's sockets: stop() may abort them, the end of the attempt closes them
         try:
-            conn.request("POST", urllib.parse.urlunsplit(("", "", self.parts.path, self.parts.query, "")), body,
-                         headers)
-            reply = conn.getresponse()
+            sock = self._connect(deadline, socks)
+            # http.client writes the request on our socket and parses the reply, which it reads through _Reply
+            cls = http.client.HTTPSConnection if self.tls else http.client.HTTPConnection
+            conn = cls(self.parts.hostname, self.parts.port, **({"context": self.tls} if self.tls else {}))
+            conn.sock = sock
+            sock.settimeout(self._left(deadline))
+            conn.request("POST", self.target, body, headers)
+            reply = http.client.HTTPResponse(_Reply(sock, lambda: self._left(deadline)), method="POST")
+            reply.begin()
             status, data, retry_after = reply.status, reply.read(), reply.getheader("Retry-After", "")
+        except TimeoutError:
+            raise Retry(f"no complete reply within {self.timeout:g} s") from None
         except (OSError, http.client.HTTPException) as e:
-            error = e
-        else:
-            error = None
+            if self.stopped.is_set():  # the socket was aborted by stop(): not the server's failure
+                raise Stopped() from None
+            raise Retry(f"{type(e).__name__}: {e}") from None
         finally:
-            timer.cancel()
             with self._lock:
-                self._live.discard(conn)
-            conn.close()
-        if self.stopped.is_set():
-            raise Stopped()
-        if expired.is_set() or isinstance(error, TimeoutError):  # a body cut at the deadline may look whole
-            raise Retry(f"no complete reply within {self.timeout:g} s")
-        if error is not None:
-            raise Retry(f"{type(error).__name__}: {error}")
+                self._live.difference_update(socks)
+            for sock in socks:
+                sock.close()
         if status < 300:
             return data
         what = f"HTTP {status}: {data[:300].decode('utf-8', 'replace')!r}"
@@ -136,6 +137,46 @@ class Endpoint:
         hint = f" (is ${self.api_key_env} set?)" if status in (401, 403) else ""
         error = ClientError if status in ITEM_ERRORS else EndpointError
         raise error(self._say(f"{what}{hint} (attempt {attempt}, not retried)"))
+
+    def _connect(self, deadline, socks) -> socket.socket:
+        """A socket connected to the server (TLS for https) within the deadline, each one made added to `socks` and
+        to the sockets stop() aborts before it is used. Addresses are tried in turn, as socket.create_connection
+        does (the DNS lookup itself is not under the deadline)."""
+        host, port = self.parts.hostname, self.parts.port or (443 if self.tls else 80)
+        error = OSError(f"no address for {host}")
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            sock = self._track(socket.socket(family, kind, proto), socks)
+            try:
+                sock.settimeout(self._left(deadline))
+                sock.connect(address)
+            except TimeoutError:
+                raise
+            except OSError as e:  # refused, unreachable: the next address
+                error = e
+                continue
+            if self.tls:
+                sock = self._track(self.tls.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False),
+                                   socks)
+                sock.settimeout(self._left(deadline))
+                sock.do_handshake()
+            return sock
+        raise error
+
+    def _track(self, sock, socks):
+        with self._lock:
+            self._live.add(sock)
+        socks.append(sock)
+        return sock
+
+    def _left(self, deadline) -> float:
+        """Seconds to the deadline, the most the next socket call may wait. Raises Stopped once stop() was called
+        (after the sockets were aborted: a call that starts now must not wait either), TimeoutError past it."""
+        if self.stopped.is_set():
+            raise Stopped()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError()
+        return left
 
     def _say(self, message: str) -> str:
         """'<what> <url>: message' with the API key scrubbed."""
@@ -149,8 +190,8 @@ class Endpoint:
         """[fn(item) for item in items], `concurrency` at a time, in order.
 
         The first error raised by fn (e.g. EndpointError) stops the others (queued items dropped, requests in
-        flight aborted) and is raised. Ctrl-C does the same within about a second, then raises KeyboardInterrupt:
-        what fn stored before (e.g. a cache row) stays stored.
+        flight aborted) and is raised. Ctrl-C does the same at once, then raises KeyboardInterrupt: what fn
+        stored before (e.g. a cache row) stays stored.
         """
         items = list(items)
         if not items:
@@ -176,18 +217,31 @@ class Endpoint:
         self.stopped.set()
         with self._lock:
             live = list(self._live)
-        for conn in live:
-            _abort(conn)
+        for sock in live:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in connect, send or recv on it at once
+            except OSError:
+                pass
 
 
-def _abort(conn):
-    """Unblock a thread reading from conn (a shutdown wakes a blocked recv at once)."""
-    sock = conn.sock
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+class _Reply(io.RawIOBase):
+    """The bytes of a reply as http.client.HTTPResponse reads them (its `sock`): each recv waits at most the time
+    left to the attempt's deadline, and none starts past it or after stop(). (A timer that shuts the connection's
+    socket is not enough: once the headers of a `Connection: close` reply are read, http.client hands the socket
+    to the response and sets conn.sock to None, so the body was read for as long as the server kept trickling.)"""
+
+    def __init__(self, sock, left):
+        self.sock, self.left = sock, left  # left(): seconds to the deadline; raises past it or once stopped
+
+    def makefile(self, mode):
+        return io.BufferedReader(self)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self.sock.settimeout(self.left())
+        return self.sock.recv_into(buffer)
 
 
 class JsonlCache:
