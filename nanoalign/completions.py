@@ -9,7 +9,7 @@ Each sample is one request with n = 1: `prompt` is the token ids the local engin
 ours, not the server's), `seed` a hash of (seed, prompt_id, k), so sample k of a prompt is the server's same draw
 on every run (vLLM honours per-request seeds), and `stop_token_ids` ends it on both Qwen stop ids. Answers are
 appended to a JSONL cache as they arrive and read back at start: a killed run asks only what is missing.
-The transport (total deadline per request, retries, concurrency, prompt Ctrl-C, key handling) is
+The transport (total deadline per attempt, retries, concurrency, prompt Ctrl-C, key handling) is
 nanoalign.endpoint.Endpoint, shared with the reward client.
 """
 import hashlib

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP endpoint, asked many items at once: the transport (a total deadline per request,
+"""An OpenAI-compatible HTTP endpoint, asked many items at once: the transport (a total deadline per attempt,
 retries with backoff, a concurrency limit, prompt stop on Ctrl-C), a JSONL cache that lets a rerun ask only what
 is missing, and on top of both the reward client (NVIDIA NIM reward models: Llama-3.1-Nemotron-70B-Reward).
 
@@ -14,7 +14,6 @@ import hashlib
 import http.client
 import io
 import json
-import math
 import os
 from pathlib import Path
 import socket
@@ -293,7 +292,8 @@ def load_tokenizer(path_or_hub_id) -> Tokenizer:
             return Tokenizer.from_file(str(path))
         except Exception as e:
             raise InputError(f"{path}: not a tokenizers tokenizer.json ({e})") from None
-    if str(path_or_hub_id).count("/") != 1 or str(path_or_hub_id).startswith((".", "/")):
+    from nanoalign.model import is_hub_id
+    if not is_hub_id(path_or_hub_id):
         raise FileNotFoundError(f"tokenizer not found: {path_or_hub_id} (a tokenizer.json, a dir holding one, "
                                 f"or a hub id)")
     from huggingface_hub import hf_hub_download
@@ -307,6 +307,20 @@ def load_tokenizer(path_or_hub_id) -> Tokenizer:
 # -----------------------------------------------------------------------------
 # The reward client
 
+MAX_ABS_SCORE = 1e6  # the one bound on a reward score, for every backend and for cached scores
+
+
+def is_score(value) -> bool:
+    """Whether `value` is a usable reward score: a number with |value| <= MAX_ABS_SCORE.
+
+    Reward models score within about ±100 (Skywork-Reward-V2 about ±40, Nemotron-70B-Reward about -40..10). NaN
+    and inf are no scores, and neither is a finite 1e308: its differences and means overflow (1e308 - -1e308 is
+    inf), so a win rate or a mean reward built from it is inf or NaN. Beyond 1e6 something is broken (weights, a
+    head overflowing, a server bug); within it sums of 10^300 scores stay finite and a difference of two scores
+    keeps its sign and about 10 significant digits in float64.
+    """
+    return type(value) in (int, float) and abs(value) <= MAX_ABS_SCORE
+
 def parse_reward(body: bytes) -> float:
     """The score in a chat-completions reply of a NIM reward model.
 
@@ -316,7 +330,7 @@ def parse_reward(body: bytes) -> float:
 
     Raises:
         ValueError: neither form, with an excerpt of the body.
-        Retry: a non-finite score (NaN, inf): never a result, asked again.
+        Retry: a score that is_score refuses (NaN, inf, beyond ±MAX_ABS_SCORE): never a result, asked again.
     """
     try:
         choice = json.loads(body)["choices"][0]
@@ -330,8 +344,8 @@ def parse_reward(body: bytes) -> float:
         excerpt = body[:300].decode("utf-8", "replace")
         raise ValueError(f"no reward in the reply (neither logprobs token 'reward' nor content 'reward:<float>'): "
                          f"{excerpt!r}") from None
-    if not math.isfinite(score):
-        raise Retry(f"non-finite score {score} in the reply")
+    if not is_score(score):
+        raise Retry(f"unusable score {score} in the reply (NaN, inf or beyond ±{MAX_ABS_SCORE:g})")
     return score
 
 
@@ -348,7 +362,9 @@ class HttpReward:
     character), which cuts more than needed: pass the endpoint model's tokenizer to keep more.
 
     Scores are appended to the JSONL `cache_path` as they arrive, keyed by (prompt id, sha256 of the response)
-    for this `model`, and read back at start, so a restarted run asks only what is missing. An item the endpoint
+    for this `model`, and read back at start, so a restarted run asks only what is missing; a cached score gets the
+    checks a fresh one gets (is_score), and one that fails them (a NaN left by a killed older run, a hand edit) is
+    dropped and asked again. An item the endpoint
     refuses (ClientError) is cached as {"error": ...}: its score is None, it is counted in `skipped`, and a rerun
     does not ask it again. If the first `refusals_before_stop` items of a run are all refused, the endpoint is
     refusing everything (a wrong model name, say) and the run stops with that error.
@@ -378,7 +394,7 @@ class HttpReward:
                 for i, (p, r) in enumerate(zip(prompts, responses))]
         todo = {}
         for key, p, r in zip(keys, prompts, responses):
-            if self.cache.get(key) is not None:
+            if self._cached(key):
                 self.cache_hits += 1
             else:
                 todo.setdefault(key, (p, r))
@@ -390,6 +406,11 @@ class HttpReward:
                 self.skipped[key] = row["error"]
             out.append(row.get("score"))
         return out
+
+    def _cached(self, key) -> bool:
+        """Whether the cache answers key as a fresh reply would: a usable score, or the endpoint's refusal."""
+        row = self.cache.get(key)
+        return row is not None and (isinstance(row.get("error"), str) or is_score(row.get("score")))
 
     def _score_one(self, item):
         key, (prompt, response) = item
