@@ -37,6 +37,14 @@ def parse_completion(body: bytes) -> tuple[str, int, bool]:
                          f"{body[:300].decode('utf-8', 'replace')!r}") from None
 
 
+def cached_answer(row) -> tuple[str, int, bool] | None:
+    """(text, n_tokens, finished) of a policy_cache.jsonl row that holds what parse_completion returns for a fresh
+    reply; None for any other row (another schema, a NaN or a string where a count belongs)."""
+    ok = (isinstance(row, dict) and isinstance(row.get("request_sha256"), str) and isinstance(row.get("text"), str)
+          and type(row.get("n_tokens")) is int and row["n_tokens"] >= 0 and type(row.get("finished")) is bool)
+    return (row["text"], row["n_tokens"], row["finished"]) if ok else None
+
+
 class HttpPolicy:
     """See the module docstring. timeout/retries/backoff/concurrency/api_key_env as in endpoint.Endpoint."""
 
@@ -58,7 +66,9 @@ class HttpPolicy:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a kill
                     continue
-                self.cache[row["request_sha256"]] = (row["text"], row["n_tokens"], row["finished"])
+                answer = cached_answer(row)
+                if answer is not None:  # anything else is asked again
+                    self.cache[row["request_sha256"]] = answer
 
     def payload(self, prompt_ids, key) -> dict:
         return dict(self.settings, prompt=list(prompt_ids), seed=stream_key(self.seed, key)[0])

@@ -8,7 +8,6 @@ import signal
 import socketserver
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -109,9 +108,9 @@ def test_pair_writer_keeps_the_same_deadline(tmp_path):
 def test_ctrl_c_ends_a_trickling_reply_at_once(tmp_path):
     """A real process scoring against a server that trickles `Connection: close` replies (timeout 60 s, 4 retries):
     SIGINT ends it within 2 s (it used to read on until every trickle ended)."""
-    code = (f"from nanoalign.endpoint import HttpReward\n"
-            f"HttpReward(URL, timeout=60, retries=4, concurrency=2).score([[{{'role': 'user', 'content': 'q'}}]] * 3,"
-            f" ['a', 'b', 'c'])\n")
+    code = ("from nanoalign.endpoint import HttpReward\n"
+            "HttpReward(URL, timeout=60, retries=4, concurrency=2).score([[{'role': 'user', 'content': 'q'}]] * 3,"
+            " ['a', 'b', 'c'])\n")
     with misbehaving_server("close") as (url, arrivals):
         proc = subprocess.Popen([sys.executable, "-c", code.replace("URL", repr(url))], cwd=ROOT,
                                 stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

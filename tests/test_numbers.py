@@ -2,6 +2,7 @@
 loaded (policy, reference, adapters, merged; reward models in test_reward.py), a reward score that is NaN, inf or
 beyond ±1e6 is asked again and then stops the run, a cached score gets the checks a fresh one gets, and
 config.json's numbers are checked by type. Also which names are sent to the hub: none that looks like a path."""
+import hashlib
 import json
 import random
 import re
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from nanoalign import toy
 from nanoalign.chat import load_chat
+from nanoalign.completions import HttpPolicy
 from nanoalign.endpoint import NEMOTRON_REWARD, sha256
 from nanoalign.errors import InputError
 from nanoalign.lora import add_lora, load_adapter, load_merged, save_adapter
@@ -137,6 +139,29 @@ def test_a_cached_score_gets_the_checks_a_fresh_one_gets(tmp_path):
         again = HttpReward(url, cache_path=cache)
         assert again.score([PROMPT] * 6, list("abcdef"), ids=["p"] * 6) == scores and len(asked) == 4
 
+
+
+def test_a_cached_policy_answer_gets_the_checks_a_fresh_one_gets(tmp_path):
+    """policy_cache.jsonl rows with a NaN token count, a number for a text, no `finished`: asked again, never
+    returned (a KeyError or a NaN in samples.jsonl before). A sound row is used as it is."""
+    asked = []
+
+    def handle(path, headers, body):
+        asked.append(body["prompt"])
+        return 200, {"choices": [{"text": "fresh", "finish_reason": "stop"}], "usage": {"completion_tokens": 2}}
+
+    with json_server(handle) as url:
+        policy = HttpPolicy(url, "m", stop_ids=[0], max_new_tokens=4)
+        shas = [hashlib.sha256(json.dumps(policy.payload([i], ("p", 0)), sort_keys=True).encode()).hexdigest()
+                for i in range(4)]
+        cache = tmp_path / "policy_cache.jsonl"
+        cache.write_text(f'{{"request_sha256": "{shas[0]}", "text": "kept", "n_tokens": 3, "finished": true}}\n'
+                         f'{{"request_sha256": "{shas[1]}", "text": "x", "n_tokens": NaN, "finished": true}}\n'
+                         f'{{"request_sha256": "{shas[2]}", "text": 5, "n_tokens": 1, "finished": true}}\n'
+                         f'{{"request_sha256": "{shas[3]}", "text": "x", "n_tokens": 1}}\n')
+        policy = HttpPolicy(url, "m", stop_ids=[0], max_new_tokens=4, cache_path=cache)
+        answers = policy.sample([([i], ("p", 0)) for i in range(4)])
+    assert answers == [("kept", 3, True)] + [("fresh", 2, True)] * 3 and sorted(asked) == [[1], [2], [3]]
 
 @pytest.mark.parametrize("field, value, want", [
     ("num_hidden_layers", "two", "an integer >= 1"),
