@@ -33,6 +33,7 @@ import torch
 from nanoalign.chat import load_chat
 from nanoalign.completions import HttpPolicy, PolicyServerError
 from nanoalign.data import prompt_records, read_records
+from nanoalign.endpoint import is_score
 from nanoalign.engine import generate
 from nanoalign.errors import InputError
 from nanoalign.jsonl import ShardedJsonl, write_json
@@ -110,7 +111,8 @@ check_settings(out, settings_from(
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
                          check=prompt_check(args.reward))
 judged = ShardedJsonl(out / "per_prompt.jsonl", key=lambda r: r["prompt_id"], rank=d.rank, world=d.world)
-done = {row["prompt_id"] for row in judged.rows}
+done = {row["prompt_id"] for row in judged.rows  # scores that fail the checks fresh ones get are judged again
+        if all(s is None or is_score(s) for s in (row["score_a"], row["score_b"]))}
 todo = [(pid, messages) for pid, messages in prompts if pid not in done]
 print0(f"{len(prompts)} prompts: {len(done)} judged before, {len(todo)} to go"
        + (f" on {d.world} ranks" if d.world > 1 else ""))

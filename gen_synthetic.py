@@ -33,6 +33,7 @@ import torch
 from nanoalign.chat import load_chat
 from nanoalign.completions import HttpPolicy, PolicyServerError
 from nanoalign.data import prompt_records, read_records
+from nanoalign.endpoint import is_score
 from nanoalign.engine import Engine
 from nanoalign.jsonl import ShardedJsonl, write_json, write_jsonl
 from nanoalign.lora import load_merged
@@ -117,8 +118,8 @@ prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.pro
 # resume: prompts with all n samples on disk (any earlier run, any world size) are done; the rest is redone
 samples = ShardedJsonl(out / "samples.jsonl", key=lambda r: (r["prompt_id"], r["sample"]), rank=d.rank, world=d.world)
 count = defaultdict(int)
-for row in samples.rows:
-    count[row["prompt_id"]] += row["sample"] < n
+for row in samples.rows:  # a score that fails the checks a fresh one gets (NaN, 1e308: older runs) is redone
+    count[row["prompt_id"]] += row["sample"] < n and (row["score"] is None or is_score(row["score"]))
 done = {pid for pid, c in count.items() if c >= n}
 todo = [(pid, messages) for pid, messages in prompts if pid not in done]
 print0(f"{len(prompts)} prompts: {len(done & {pid for pid, _ in prompts})} done before, {len(todo)} to sample"

@@ -15,7 +15,6 @@ The mask is built while rendering, segment by segment, so it can never drift fro
 from datetime import datetime
 import json
 from pathlib import Path
-import re
 
 from tokenizers import Tokenizer
 
@@ -281,8 +280,9 @@ def load_chat(path_or_hub_id, default_system: str | None = FROM_TEMPLATE) -> Cha
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {path.parent}")
     elif not path.is_file():
+        from nanoalign.model import is_hub_id
         name = str(path_or_hub_id)
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or name.startswith("."):
+        if not is_hub_id(name):
             raise FileNotFoundError(f"{name}: no such directory or file (and not a hub id like 'Qwen/Qwen2.5-0.5B')")
         from huggingface_hub import hf_hub_download
 

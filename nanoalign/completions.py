@@ -9,7 +9,7 @@ Each sample is one request with n = 1: `prompt` is the token ids the local engin
 ours, not the server's), `seed` a hash of (seed, prompt_id, k), so sample k of a prompt is the server's same draw
 on every run (vLLM honours per-request seeds), and `stop_token_ids` ends it on both Qwen stop ids. Answers are
 appended to a JSONL cache as they arrive and read back at start: a killed run asks only what is missing.
-The transport (total deadline per request, retries, concurrency, prompt Ctrl-C, key handling) is
+The transport (total deadline per attempt, retries, concurrency, prompt Ctrl-C, key handling) is
 nanoalign.endpoint.Endpoint, shared with the reward client.
 """
 import hashlib
@@ -37,6 +37,14 @@ def parse_completion(body: bytes) -> tuple[str, int, bool]:
                          f"{body[:300].decode('utf-8', 'replace')!r}") from None
 
 
+def cached_answer(row) -> tuple[str, int, bool] | None:
+    """(text, n_tokens, finished) of a policy_cache.jsonl row that holds what parse_completion returns for a fresh
+    reply; None for any other row (another schema, a NaN or a string where a count belongs)."""
+    ok = (isinstance(row, dict) and isinstance(row.get("request_sha256"), str) and isinstance(row.get("text"), str)
+          and type(row.get("n_tokens")) is int and row["n_tokens"] >= 0 and type(row.get("finished")) is bool)
+    return (row["text"], row["n_tokens"], row["finished"]) if ok else None
+
+
 class HttpPolicy:
     """See the module docstring. timeout/retries/backoff/concurrency/api_key_env as in endpoint.Endpoint."""
 
@@ -58,7 +66,9 @@ class HttpPolicy:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a kill
                     continue
-                self.cache[row["request_sha256"]] = (row["text"], row["n_tokens"], row["finished"])
+                answer = cached_answer(row)
+                if answer is not None:  # anything else is asked again
+                    self.cache[row["request_sha256"]] = answer
 
     def payload(self, prompt_ids, key) -> dict:
         return dict(self.settings, prompt=list(prompt_ids), seed=stream_key(self.seed, key)[0])

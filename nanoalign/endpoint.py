@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP endpoint, asked many items at once: the transport (a total deadline per request,
+"""An OpenAI-compatible HTTP endpoint, asked many items at once: the transport (a total deadline per attempt,
 retries with backoff, a concurrency limit, prompt stop on Ctrl-C), a JSONL cache that lets a rerun ask only what
 is missing, and on top of both the reward client (NVIDIA NIM reward models: Llama-3.1-Nemotron-70B-Reward).
 
@@ -12,11 +12,12 @@ refusal of one item (400, 413, 422: e.g. an input over the model's context) that
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import hashlib
 import http.client
+import io
 import json
-import math
 import os
 from pathlib import Path
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -53,11 +54,13 @@ class Stopped(Exception):
 class Endpoint:
     """POST JSON to one URL, many requests at a time.
 
-    Each request has a total deadline of `timeout` seconds (connect, send, headers and body together: a server
-    that trickles its reply is cut off at the deadline, not kept alive by every byte). 5xx, 429, timeouts,
-    connection errors and Retry raised by `parse` are retried `retries` times after backoff * 2^k seconds (or the
-    server's Retry-After, at most 60 s). The API key is read from the environment variable `api_key_env` at each
-    request; it is never an argument, never stored, and scrubbed from every message.
+    Each attempt has a total deadline of `timeout` seconds: connect, TLS handshake, send, status line, headers and
+    body together. Every socket call of an attempt waits at most the time left to that deadline, so no server keeps
+    an attempt alive past it, whatever it does byte by byte (trickled headers or body, `Connection: close` without
+    a Content-Length, chunks, accepting and never answering). 5xx, 429, timeouts, connection errors and Retry raised
+    by `parse` are retried `retries` times after backoff * 2^k seconds (or the server's Retry-After, at most 60 s).
+    The API key is read from the environment variable `api_key_env` at each request; it is never an argument, never
+    stored, and scrubbed from every message.
 
     stop() (called by map on Ctrl-C) aborts the requests in flight and every retry: workers raise Stopped.
     """
@@ -71,10 +74,12 @@ class Endpoint:
             raise InputError(f"{what} URL must be http(s)://host/..., got {url!r}")
         self.parts, self.url = parts, url
         self.where = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))  # no query string
+        self.target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        self.tls = ssl.create_default_context() if parts.scheme == "https" else None
         self.api_key_env, self.what = api_key_env, what
         self.timeout, self.retries, self.backoff, self.concurrency = timeout, retries, backoff, concurrency
         self.stopped = threading.Event()
-        self._live, self._lock = set(), threading.Lock()  # connections in flight, for stop()
+        self._live, self._lock = set(), threading.Lock()  # sockets in flight, for stop()
 
     # --- one item
 
@@ -95,39 +100,34 @@ class Endpoint:
 
     def _request(self, body: bytes, attempt: int) -> bytes:
         """One POST within the deadline. Raises Retry, Stopped, ClientError or EndpointError."""
-        if self.stopped.is_set():
-            raise Stopped()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        cls = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
-        conn = cls(self.parts.hostname, self.parts.port, timeout=self.timeout)
-        expired = threading.Event()
-        timer = threading.Timer(self.timeout, lambda: (expired.set(), _abort(conn)))
-        with self._lock:
-            self._live.add(conn)
-        timer.start()
+        deadline = time.monotonic() + self.timeout
+        socks = []  # this attempt's sockets: stop() may abort them, the end of the attempt closes them
         try:
-            conn.request("POST", urllib.parse.urlunsplit(("", "", self.parts.path, self.parts.query, "")), body,
-                         headers)
-            reply = conn.getresponse()
+            sock = self._connect(deadline, socks)
+            # http.client writes the request on our socket and parses the reply, which it reads through _Reply
+            cls = http.client.HTTPSConnection if self.tls else http.client.HTTPConnection
+            conn = cls(self.parts.hostname, self.parts.port, **({"context": self.tls} if self.tls else {}))
+            conn.sock = sock
+            sock.settimeout(self._left(deadline))
+            conn.request("POST", self.target, body, headers)
+            reply = http.client.HTTPResponse(_Reply(sock, lambda: self._left(deadline)), method="POST")
+            reply.begin()
             status, data, retry_after = reply.status, reply.read(), reply.getheader("Retry-After", "")
+        except TimeoutError:
+            raise Retry(f"no complete reply within {self.timeout:g} s") from None
         except (OSError, http.client.HTTPException) as e:
-            error = e
-        else:
-            error = None
+            if self.stopped.is_set():  # the socket was aborted by stop(): not the server's failure
+                raise Stopped() from None
+            raise Retry(f"{type(e).__name__}: {e}") from None
         finally:
-            timer.cancel()
             with self._lock:
-                self._live.discard(conn)
-            conn.close()
-        if self.stopped.is_set():
-            raise Stopped()
-        if expired.is_set() or isinstance(error, TimeoutError):  # a body cut at the deadline may look whole
-            raise Retry(f"no complete reply within {self.timeout:g} s")
-        if error is not None:
-            raise Retry(f"{type(error).__name__}: {error}")
+                self._live.difference_update(socks)
+            for sock in socks:
+                sock.close()
         if status < 300:
             return data
         what = f"HTTP {status}: {data[:300].decode('utf-8', 'replace')!r}"
@@ -136,6 +136,46 @@ class Endpoint:
         hint = f" (is ${self.api_key_env} set?)" if status in (401, 403) else ""
         error = ClientError if status in ITEM_ERRORS else EndpointError
         raise error(self._say(f"{what}{hint} (attempt {attempt}, not retried)"))
+
+    def _connect(self, deadline, socks) -> socket.socket:
+        """A socket connected to the server (TLS for https) within the deadline, each one made added to `socks` and
+        to the sockets stop() aborts before it is used. Addresses are tried in turn, as socket.create_connection
+        does (the DNS lookup itself is not under the deadline)."""
+        host, port = self.parts.hostname, self.parts.port or (443 if self.tls else 80)
+        error = OSError(f"no address for {host}")
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            sock = self._track(socket.socket(family, kind, proto), socks)
+            try:
+                sock.settimeout(self._left(deadline))
+                sock.connect(address)
+            except TimeoutError:
+                raise
+            except OSError as e:  # refused, unreachable: the next address
+                error = e
+                continue
+            if self.tls:
+                sock = self._track(self.tls.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False),
+                                   socks)
+                sock.settimeout(self._left(deadline))
+                sock.do_handshake()
+            return sock
+        raise error
+
+    def _track(self, sock, socks):
+        with self._lock:
+            self._live.add(sock)
+        socks.append(sock)
+        return sock
+
+    def _left(self, deadline) -> float:
+        """Seconds to the deadline, the most the next socket call may wait. Raises Stopped once stop() was called
+        (after the sockets were aborted: a call that starts now must not wait either), TimeoutError past it."""
+        if self.stopped.is_set():
+            raise Stopped()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError()
+        return left
 
     def _say(self, message: str) -> str:
         """'<what> <url>: message' with the API key scrubbed."""
@@ -149,8 +189,8 @@ class Endpoint:
         """[fn(item) for item in items], `concurrency` at a time, in order.
 
         The first error raised by fn (e.g. EndpointError) stops the others (queued items dropped, requests in
-        flight aborted) and is raised. Ctrl-C does the same within about a second, then raises KeyboardInterrupt:
-        what fn stored before (e.g. a cache row) stays stored.
+        flight aborted) and is raised. Ctrl-C does the same at once, then raises KeyboardInterrupt: what fn
+        stored before (e.g. a cache row) stays stored.
         """
         items = list(items)
         if not items:
@@ -176,18 +216,31 @@ class Endpoint:
         self.stopped.set()
         with self._lock:
             live = list(self._live)
-        for conn in live:
-            _abort(conn)
+        for sock in live:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in connect, send or recv on it at once
+            except OSError:
+                pass
 
 
-def _abort(conn):
-    """Unblock a thread reading from conn (a shutdown wakes a blocked recv at once)."""
-    sock = conn.sock
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+class _Reply(io.RawIOBase):
+    """The bytes of a reply as http.client.HTTPResponse reads them (its `sock`): each recv waits at most the time
+    left to the attempt's deadline, and none starts past it or after stop(). (A timer that shuts the connection's
+    socket is not enough: once the headers of a `Connection: close` reply are read, http.client hands the socket
+    to the response and sets conn.sock to None, so the body was read for as long as the server kept trickling.)"""
+
+    def __init__(self, sock, left):
+        self.sock, self.left = sock, left  # left(): seconds to the deadline; raises past it or once stopped
+
+    def makefile(self, mode):
+        return io.BufferedReader(self)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self.sock.settimeout(self.left())
+        return self.sock.recv_into(buffer)
 
 
 class JsonlCache:
@@ -239,7 +292,8 @@ def load_tokenizer(path_or_hub_id) -> Tokenizer:
             return Tokenizer.from_file(str(path))
         except Exception as e:
             raise InputError(f"{path}: not a tokenizers tokenizer.json ({e})") from None
-    if str(path_or_hub_id).count("/") != 1 or str(path_or_hub_id).startswith((".", "/")):
+    from nanoalign.model import is_hub_id
+    if not is_hub_id(path_or_hub_id):
         raise FileNotFoundError(f"tokenizer not found: {path_or_hub_id} (a tokenizer.json, a dir holding one, "
                                 f"or a hub id)")
     from huggingface_hub import hf_hub_download
@@ -253,6 +307,20 @@ def load_tokenizer(path_or_hub_id) -> Tokenizer:
 # -----------------------------------------------------------------------------
 # The reward client
 
+MAX_ABS_SCORE = 1e6  # the one bound on a reward score, for every backend and for cached scores
+
+
+def is_score(value) -> bool:
+    """Whether `value` is a usable reward score: a number with |value| <= MAX_ABS_SCORE.
+
+    Reward models score within about ±100 (Skywork-Reward-V2 about ±40, Nemotron-70B-Reward about -40..10). NaN
+    and inf are no scores, and neither is a finite 1e308: its differences and means overflow (1e308 - -1e308 is
+    inf), so a win rate or a mean reward built from it is inf or NaN. Beyond 1e6 something is broken (weights, a
+    head overflowing, a server bug); within it sums of 10^300 scores stay finite and a difference of two scores
+    keeps its sign and about 10 significant digits in float64.
+    """
+    return type(value) in (int, float) and abs(value) <= MAX_ABS_SCORE
+
 def parse_reward(body: bytes) -> float:
     """The score in a chat-completions reply of a NIM reward model.
 
@@ -262,7 +330,7 @@ def parse_reward(body: bytes) -> float:
 
     Raises:
         ValueError: neither form, with an excerpt of the body.
-        Retry: a non-finite score (NaN, inf): never a result, asked again.
+        Retry: a score that is_score refuses (NaN, inf, beyond ±MAX_ABS_SCORE): never a result, asked again.
     """
     try:
         choice = json.loads(body)["choices"][0]
@@ -276,8 +344,8 @@ def parse_reward(body: bytes) -> float:
         excerpt = body[:300].decode("utf-8", "replace")
         raise ValueError(f"no reward in the reply (neither logprobs token 'reward' nor content 'reward:<float>'): "
                          f"{excerpt!r}") from None
-    if not math.isfinite(score):
-        raise Retry(f"non-finite score {score} in the reply")
+    if not is_score(score):
+        raise Retry(f"unusable score {score} in the reply (NaN, inf or beyond ±{MAX_ABS_SCORE:g})")
     return score
 
 
@@ -294,7 +362,9 @@ class HttpReward:
     character), which cuts more than needed: pass the endpoint model's tokenizer to keep more.
 
     Scores are appended to the JSONL `cache_path` as they arrive, keyed by (prompt id, sha256 of the response)
-    for this `model`, and read back at start, so a restarted run asks only what is missing. An item the endpoint
+    for this `model`, and read back at start, so a restarted run asks only what is missing; a cached score gets the
+    checks a fresh one gets (is_score), and one that fails them (a NaN left by a killed older run, a hand edit) is
+    dropped and asked again. An item the endpoint
     refuses (ClientError) is cached as {"error": ...}: its score is None, it is counted in `skipped`, and a rerun
     does not ask it again. If the first `refusals_before_stop` items of a run are all refused, the endpoint is
     refusing everything (a wrong model name, say) and the run stops with that error.
@@ -324,7 +394,7 @@ class HttpReward:
                 for i, (p, r) in enumerate(zip(prompts, responses))]
         todo = {}
         for key, p, r in zip(keys, prompts, responses):
-            if self.cache.get(key) is not None:
+            if self._cached(key):
                 self.cache_hits += 1
             else:
                 todo.setdefault(key, (p, r))
@@ -336,6 +406,11 @@ class HttpReward:
                 self.skipped[key] = row["error"]
             out.append(row.get("score"))
         return out
+
+    def _cached(self, key) -> bool:
+        """Whether the cache answers key as a fresh reply would: a usable score, or the endpoint's refusal."""
+        row = self.cache.get(key)
+        return row is not None and (isinstance(row.get("error"), str) or is_score(row.get("score")))
 
     def _score_one(self, item):
         key, (prompt, response) = item

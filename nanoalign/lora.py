@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from nanoalign.errors import InputError
 from nanoalign.jsonl import read_json
-from nanoalign.model import load_model, read_safetensors, resolve_model_dir
+from nanoalign.model import check_finite, load_model, read_safetensors, resolve_model_dir
 from nanoalign.rundir import atomic_path, write_text
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -341,6 +341,7 @@ def load_adapter(model, path, name=None, trainable=False) -> list:
         hint = " (LoRA on lm_head/embeddings is not supported)" if any("lm_head" in k or "embed" in k
                                                                         for k in unexpected) else ""
         raise InputError(f"{weights_file}: unexpected tensors {unexpected[:5]}{hint}")
+    check_finite(tensors, weights_file)
     name = name or "default"
     # a frozen adapter is part of the model, not something being trained: no dropout, or the train-mode policy
     # pass would differ from the eval-mode reference pass and round 2 would not start at ln 2
@@ -364,11 +365,15 @@ def load_merged(model_path, adapters=(), dtype=torch.float32, device="cpu"):
     Merging happens in fp32 before the cast to `dtype`, so a bf16 sampler sees the same weights a merged export
     would, and decoding pays for no extra LoRA matmuls. Only `dtype` ever reaches `device`: the merge runs on
     the CPU, on the weights as stored, one layer at a time in fp32 (a bf16 8B model never becomes 32 GB of fp32).
+    Weights with a NaN or inf are refused (InputError naming the dir and tensor): each adapter's as it is read,
+    the model's once, where it ends up (on `device`, in `dtype`, merged).
     """
     if not adapters:
         return load_model(model_path, dtype=dtype, device=device).eval()
-    model = load_model(model_path, dtype=None, device="cpu")  # the checkpoint's own dtype(s)
+    model = load_model(model_path, dtype=None, device="cpu", check=False)  # the checkpoint's own dtype(s)
     for i, path in enumerate(adapters):
         load_adapter(model, path, name=f"round{i}")
     merge_lora(model, dtype=dtype)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    check_finite(model, f"{model_path} with {' + '.join(map(str, adapters))} merged")
+    return model

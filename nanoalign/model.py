@@ -9,10 +9,13 @@ different config.json: tied or untied embeddings, grouped-query attention, q/k/v
     hidden = model(input_ids, return_hidden=True)   # [b, t, d]: losses apply lm_head in chunks
     hidden = model(packed_ids, document_ids=doc_ids, return_hidden=True)  # packed rows, one document each run
 """
-import json
-import shutil
 from dataclasses import asdict, dataclass, fields
+from itertools import chain
+import json
+import math
 from pathlib import Path
+import re
+import shutil
 
 import torch
 import torch.nn as nn
@@ -27,6 +30,11 @@ from nanoalign.rundir import atomic_path, write_text
 SUPPORTED = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the hub spells them
+# what config.json's numbers must be (a string "two" or a NaN would fail deep inside the model otherwise)
+FIELD_CHECKS = {int: (lambda v: type(v) is int and v > 0, "an integer >= 1"),
+                float: (lambda v: type(v) in (int, float) and 0 < v < math.inf, "a finite number > 0"),
+                bool: (lambda v: type(v) is bool, "true or false")}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
@@ -78,6 +86,11 @@ class ModelConfig:
         required = [f.name for f in fields(cls) if f.name in REQUIRED and f.name not in kw]
         if required:
             raise InputError(f"{source}: missing field(s) {required}")
+        for f in fields(cls):
+            if f.name in kw and f.type in FIELD_CHECKS:
+                ok, want = FIELD_CHECKS[f.type]
+                if not ok(kw[f.name]) and not (f.name == "head_dim" and kw[f.name] == 0):
+                    raise InputError(f"{source}: field {f.name!r} must be {want}, got {kw[f.name]!r}")
         heads, kv_heads = kw["num_attention_heads"], kw["num_key_value_heads"]
         if not (isinstance(kv_heads, int) and kv_heads > 0 and heads % kv_heads == 0):
             raise InputError(f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
@@ -95,14 +108,31 @@ class ModelConfig:
 
 
 def resolve_model_dir(path_or_hub_id) -> Path:
-    """A local dir as is; otherwise a hub id, downloaded (config, weights, tokenizer) by huggingface_hub."""
-    path = Path(path_or_hub_id)
+    """A local dir as is; otherwise a hub id (see is_hub_id), downloaded (config, weights, tokenizer) by
+    huggingface_hub. A name that is neither says both in one line (FileNotFoundError)."""
+    path, name = Path(path_or_hub_id), str(path_or_hub_id)
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_hub_id).count("/") != 1 or str(path_or_hub_id).startswith((".", "/")):
-        raise FileNotFoundError(f"model dir not found: {path_or_hub_id}")
+    if path.exists() or not is_hub_id(name):
+        owner = Path(name.split("/")[0])
+        why = " (not a dir)" if path.exists() else (
+            f" ({owner}/ is a local dir, so this is a path, not a hub id)" if HUB_ID.fullmatch(name) else "")
+        raise FileNotFoundError(f"model dir not found: {name}{why}")
     from huggingface_hub import snapshot_download
-    return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "*.jinja", "merges.txt"]))
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "merges.txt"]))
+    except Exception as e:  # offline without it in the cache, no such repo, gated: one line
+        reason = " ".join(str(e).split())[:300]
+        raise FileNotFoundError(f"model dir not found: {name} is no local dir, and as a hub id: "
+                                f"{type(e).__name__}: {reason}") from None
+
+
+def is_hub_id(name) -> bool:
+    """Whether a name that is no local dir may be a hub id: `owner/name` spelled as the hub spells them, and not
+    a path in disguise: './x', '/x', '~/x', 'a/b/c', or 'runs/x' while runs/ is a local dir (a typo in a run dir
+    must say "not found", not send the name to the hub)."""
+    name = str(name)
+    return HUB_ID.fullmatch(name) is not None and not Path(name.split("/")[0]).is_dir()
 
 
 def load_config(path) -> ModelConfig:
@@ -479,8 +509,32 @@ def load_weights(module: nn.Module, tensors: dict, source, dtype, device, option
     module.load_state_dict(state, strict=False, assign=True)
 
 
-def load_model(path_or_hub_id, dtype=torch.float32, device="cpu") -> CausalLM:
-    """Load an HF-format Qwen2/Qwen2.5 (or Qwen3) causal LM from a dir or a hub id (dtype None: as stored)."""
+def check_finite(tensors, source):
+    """Raise InputError naming `source` and the first tensor holding a NaN or inf: a diverged or damaged
+    checkpoint would otherwise be sampled and judged as if it were a model ('!!!!' answers, a win rate).
+
+    tensors: a module (its parameters and buffers) or a dict name -> tensor. One pass where the tensors are (the
+    GPU after loading): an aminmax per tensor, NaN-propagating and allocating nothing, then one sync for all.
+    """
+    if isinstance(tensors, nn.Module):
+        tensors = dict(chain(tensors.named_parameters(), tensors.named_buffers()))
+    named = [(name, t) for name, t in tensors.items() if t.is_floating_point() and t.numel() and not t.is_meta]
+    if not named:
+        return
+    with torch.no_grad():
+        device = named[0][1].device
+        ends = torch.stack([torch.stack(torch.aminmax(t.detach())).float().to(device) for _, t in named])  # [n, 2]
+        finite = ends.isfinite().all(dim=1).tolist()
+    for (name, t), ok in zip(named, finite):
+        if not ok:
+            dtype = str(t.dtype).removeprefix("torch.")
+            raise InputError(f"{source}: tensor {name!r} holds NaN or inf (as {dtype}): a diverged or damaged "
+                             f"checkpoint, not a model to sample, train or judge with")
+
+
+def load_model(path_or_hub_id, dtype=torch.float32, device="cpu", check=True) -> CausalLM:
+    """Load an HF-format Qwen2/Qwen2.5 (or Qwen3) causal LM from a dir or a hub id (dtype None: as stored).
+    check: refuse weights with a NaN or inf (check_finite, on `device` in `dtype`)."""
     model_dir = resolve_model_dir(path_or_hub_id)
     config = load_config(model_dir)
     with torch.device("meta"):
@@ -491,6 +545,8 @@ def load_model(path_or_hub_id, dtype=torch.float32, device="cpu") -> CausalLM:
     load_weights(model, tensors, model_dir, dtype, device, optional=("lm_head.weight",))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if check:
+        check_finite(model, model_dir)
     return model.eval()
 
 

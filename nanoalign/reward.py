@@ -3,7 +3,9 @@
 
 Every backend has `score(prompts, responses, ids=None) -> list[float]`: prompts[i] is the conversation before
 responses[i] (a list of {"role", "content"} messages), ids[i] a stable id of that prompt (used for caching). The
-HTTP backend returns None for an item the endpoint refused (see HttpReward.skipped). No backend returns NaN or inf.
+HTTP backend returns None for an item the endpoint refused (see HttpReward.skipped). No backend returns a score that
+is_score refuses (NaN, inf, or beyond ±MAX_ABS_SCORE = 1e6, where differences and means overflow): a local model
+raises RewardError naming the item, the endpoint's reply is asked again and the run stops after the retries.
 
     rm = load_reward("toy")                                     # nanoalign.toy.reward, offline
     rm = load_reward("Skywork/Skywork-Reward-V2-Qwen3-0.6B", device="cuda", dtype=torch.bfloat16)
@@ -12,7 +14,6 @@ HTTP backend returns None for an item the endpoint refused (see HttpReward.skipp
 """
 import inspect
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -21,9 +22,10 @@ import torch.nn as nn
 from nanoalign import toy
 from nanoalign.chat import compile_chat_template, load_chat, read_chat_template
 from nanoalign.errors import InputError
-from nanoalign.endpoint import NEMOTRON_REWARD, NVIDIA_BASE_URL, EndpointError, HttpReward
+from nanoalign.endpoint import MAX_ABS_SCORE, NEMOTRON_REWARD, NVIDIA_BASE_URL, EndpointError, HttpReward, is_score
 from nanoalign.train import DTYPES, nonneg_int, positive_int, timeout_seconds
-from nanoalign.model import Decoder, ModelConfig, load_weights, read_safetensors_dir, resolve_model_dir
+from nanoalign.model import (Decoder, ModelConfig, check_finite, load_weights, read_safetensors_dir,
+                             resolve_model_dir)
 
 DEFAULT_REWARD_MODEL = "Skywork/Skywork-Reward-V2-Qwen3-0.6B"
 SEQ_CLS_ARCHITECTURES = ("Qwen2ForSequenceClassification", "Qwen3ForSequenceClassification")
@@ -31,7 +33,7 @@ RewardServerError = EndpointError  # the name the scripts and older code use
 
 
 class RewardError(RuntimeError):
-    """A reward model produced something that is not a score (NaN, inf) for an item."""
+    """A reward model produced something that is not a score (NaN, inf, beyond ±MAX_ABS_SCORE) for an item."""
 
 
 def load_reward(spec: str, **kw):
@@ -181,6 +183,7 @@ class LocalRewardModel:
         with torch.device("meta"):
             self.model = SequenceClassifier(self.config, num_labels)
         load_weights(self.model, tensors, model_dir, dtype, device)
+        check_finite(self.model, model_dir)
         self.model.eval()
 
         template = read_chat_template(model_dir)  # a hub snapshot brings chat_template.jinja along (*.jinja)
@@ -226,7 +229,8 @@ class LocalRewardModel:
         of the row scored alone on CPU (tests/test_reward.py), more in bf16 (see README).
 
         Raises:
-            RewardError: a NaN or inf score, naming the row (names[i] when given).
+            RewardError: a score is_score refuses (NaN, inf, beyond ±MAX_ABS_SCORE), naming the row (names[i]
+                when given).
         """
         assert all(len(s) > 0 for s in seqs), "empty row"
         unique = list(dict.fromkeys(tuple(s) for s in seqs))
@@ -242,12 +246,12 @@ class LocalRewardModel:
                 scores[i] = s
         index = {row: i for i, row in enumerate(unique)}
         out = [scores[index[tuple(s)]] for s in seqs]
-        bad = next((i for i, s in enumerate(out) if not math.isfinite(s)), None)
+        bad = next((i for i, s in enumerate(out) if not is_score(s)), None)
         if bad is not None:
             name = names[bad] if names is not None else f"row {bad}"
-            raise RewardError(f"reward model {self.model_dir} ({self.model.score.weight.dtype}) gave a non-finite "
-                              f"score ({out[bad]}) for {name}: broken weights, or an overflow in this dtype "
-                              f"(try --reward-dtype fp32)")
+            raise RewardError(f"reward model {self.model_dir} ({self.model.score.weight.dtype}) gave an unusable "
+                              f"score ({out[bad]:g}) for {name} (NaN, inf or beyond ±{MAX_ABS_SCORE:g}): broken "
+                              f"weights, or an overflow in this dtype (try --reward-dtype fp32)")
         return out
 
     def _pad(self, seqs):

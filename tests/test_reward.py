@@ -4,6 +4,7 @@ from contextlib import contextmanager
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socketserver
@@ -17,6 +18,7 @@ import torch
 import transformers
 
 from nanoalign.chat import QWEN25_CHAT_TEMPLATE, QWEN_SYSTEM, load_chat
+from nanoalign.errors import InputError
 from nanoalign.reward import HttpReward, LocalRewardModel, RewardError, RewardServerError, RuleReward, load_reward
 from nanoalign.endpoint import parse_reward, sha256
 from nanoalign.toy import build_tokenizer
@@ -309,8 +311,29 @@ def test_non_finite_local_score_is_a_clear_error(qwen3_dir):
     rm = LocalRewardModel(qwen3_dir)
     with torch.no_grad():
         rm.model.score.weight[0, 0] = float("nan")
-    with pytest.raises(RewardError, match=r"non-finite score \(nan\) for p7"):
+    with pytest.raises(RewardError, match=r"unusable score \(nan\) for p7 \(NaN, inf or beyond ±1e\+06\)"):
         rm.score([PROMPT], ["17"], ids=["p7"])
+
+
+
+def test_out_of_range_local_score_is_a_clear_error(qwen3_dir):
+    """A finite score beyond ±1e6 (its differences and means overflow downstream) is refused like a NaN."""
+    rm = LocalRewardModel(qwen3_dir)
+    with torch.no_grad():
+        rm.model.score.weight.fill_(1e30)  # |score| = 1e30 * |sum of the final hidden state|: finite, huge
+    with pytest.raises(RewardError, match=r"unusable score \(-?\d\.\d+e\+3\d\) for p8 \(NaN, inf or beyond ±1e\+06\)"):
+        rm.score([PROMPT], ["17"], ids=["p8"])
+
+
+def test_reward_model_with_nan_weights_is_refused_at_load(tmp_path, qwen3_dir):
+    from safetensors.torch import load_file, save_file
+    model_dir = shutil.copytree(qwen3_dir, tmp_path / "rm")
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors["model.layers.1.self_attn.k_norm.weight"][3] = float("nan")
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match=rf"^{re.escape(str(model_dir))}: tensor 'model.layers.1.self_attn.k_norm"
+                                         rf"\.weight' holds NaN or inf \(as float32\)"):
+        LocalRewardModel(model_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -473,7 +496,7 @@ def test_non_finite_scores_are_retried_never_returned(stub):
     stub.respond = lambda body, n, h: (200, json.dumps(logprob_reply(replies.get(n, 2.5))).encode())
     assert fast(stub.url, retries=2).score([PROMPT], ["17"]) == [2.5] and len(stub.requests) == 3
     stub.respond = lambda body, n, h: (200, content_reply(float("-inf")))
-    with pytest.raises(RewardServerError, match="non-finite score -inf in the reply after 2 attempts"):
+    with pytest.raises(RewardServerError, match="unusable score -inf in the reply .* after 2 attempts"):
         fast(stub.url, retries=1).score([PROMPT], ["18"])
 
 

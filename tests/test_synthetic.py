@@ -231,6 +231,20 @@ def test_a_killed_run_redoes_the_partial_prompt(setup, toy_run, tmp_path):
     assert not (out / "samples.tmp").exists()
 
 
+def test_a_score_on_disk_that_is_no_score_is_redone(setup, toy_run, tmp_path):
+    """A bare NaN in samples.jsonl (an older run took it from its reward cache) is not a result: its prompt is
+    sampled and scored again (it used to count as done, and every rerun crashed writing the summary)."""
+    out = tmp_path / "nan"
+    shutil.copytree(toy_run, out)
+    lines = (out / "samples.jsonl").read_text().splitlines(keepends=True)
+    score = json.dumps(json.loads(lines[4])["score"])
+    lines[4] = lines[4].replace(f'"score": {score},', '"score": NaN,')
+    (out / "samples.jsonl").write_text("".join(lines))
+    proc = gen(setup, out, *TOY_ARGS)
+    assert "8 prompts: 7 done before, 1 to sample" in proc.stdout
+    for name in ("samples.jsonl", "pairs.jsonl", "summary.json"):
+        assert (out / name).read_bytes() == (toy_run / name).read_bytes(), name
+
 def test_a_rerun_with_other_settings(setup, toy_run, tmp_path):
     """Another --num-samples stops with one line and touches nothing (it used to rewrite samples.jsonl to 0 rows);
     --min-gap only rebuilds the pairs, so it may change; --overwrite moves the earlier run aside and starts fresh."""
