@@ -32,8 +32,8 @@ from nanoalign.pages import write_eval_report, write_pairs_report  # noqa: E402
 from nanoalign.preferences import win_rate  # noqa: E402
 
 CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"]
-PROMPTS = ["How do I {t} in Python without loading everything into memory?", "Explain {t} to a new engineer.",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+PROMPTS = ["How should I approach {t} in a small Python service?", "Explain {t} to a new engineer on my team.",
            "What are the trade-offs of {t}? Give a recommendation.", "Write a short checklist for {t}.",
            "My team argues about {t}. Summarise both sides fairly."]
 TOPICS = ["reading a large CSV file", "database indexing", "retrying failed HTTP requests", "code review",
@@ -47,7 +47,8 @@ SENTENCES = ["The short answer is that it depends on how much data you have and 
              "Write down what success looks like before you begin, so you know when to stop.",
              "Be explicit about failure: decide what happens when the input is missing, malformed or too large.",
              "In practice the cost is rarely the code itself but the time people spend understanding it later.",
-             "Here is a concrete example:\n\n    for chunk in read_in_chunks(path, size=10_000):\n        total += process(chunk)",
+             "Here is a concrete example:\n\n    for chunk in read_in_chunks(path, size=10_000):\n        total += process(chunk)"
+             "\n\nThat keeps memory flat however large the input is.",
              "Document the decision and the reason for it, so the next person does not have to rediscover it.",
              "Monitoring matters as much as the change: add a metric that tells you whether it is working.",
              "Finally, revisit the choice after a few weeks; what was right at the start may not be right now."]
@@ -164,7 +165,7 @@ def main():
     parser.add_argument("--prompts", type=int, default=5000)
     parser.add_argument("--runs", type=int, default=5, help="browser launches per page")
     parser.add_argument("--out", default=None, help="where the fixture dirs go (default: a temporary dir)")
-    parser.add_argument("--screenshot", default=None, help="also save a PNG of the eval report (1400 x 1800)")
+    parser.add_argument("--screenshot", default=None, help="also save a PNG of the eval report (1280 x 1500)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
@@ -176,7 +177,7 @@ def main():
                                               first_render_ms_median=statistics.median(ms), first_render_ms=ms,
                                               launch_s_median=round(statistics.median(s for _, s in marks), 2))))
         if args.screenshot:
-            subprocess.run(CHROMIUM + [f"--user-data-dir={Path(tmp) / 'shot'}", "--window-size=1400,1800",
+            subprocess.run(CHROMIUM + [f"--user-data-dir={Path(tmp) / 'shot'}", "--window-size=1280,1500",
                                        "--hide-scrollbars", f"--screenshot={Path(args.screenshot).resolve()}",
                                        pages["eval"].resolve().as_uri()], capture_output=True, timeout=120, check=True)
             print(f"screenshot: {args.screenshot}")

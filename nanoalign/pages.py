@@ -20,6 +20,7 @@ import argparse
 import base64
 import hashlib
 import html
+import itertools
 import json
 import math
 import os
@@ -48,7 +49,7 @@ h1{font-size:21px;margin:6px 0 2px}h2{font-size:16px;margin:22px 0 6px}
 .card .big{font-size:24px;font-weight:650;line-height:1.2}
 table{border-collapse:collapse}td,th{padding:3px 12px 3px 0;text-align:left;vertical-align:top}
 table.grid td,table.grid th{border-bottom:1px solid var(--line);padding:5px 14px 5px 0}
-th{font-weight:600}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+th{font-weight:600}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}td.num{white-space:nowrap}
 .charts{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
 .charts figure{margin:0}.charts figcaption{font-size:12px;color:var(--muted);max-width:520px}
 svg text{font:11px system-ui,sans-serif;fill:#444}
@@ -388,9 +389,15 @@ def scatter_chart(points, unit):
     return f.svg("reward margin against length difference")
 
 
-def equal_count_bins(values, k):
-    """Split sorted values into k consecutive groups of (nearly) equal size."""
-    return [values[len(values) * i // k:len(values) * (i + 1) // k] for i in range(k)]
+def equal_count_bins(pairs, k):
+    """Split (value, ...) tuples sorted by value into at most k consecutive bins of about equal size, equal values
+    in one bin: a run of equal values goes to the k-quantile its middle falls in (empty bins are left out)."""
+    bins, before = [[] for _ in range(k)], 0
+    for _, group in itertools.groupby(pairs, key=lambda p: p[0]):
+        group = list(group)
+        bins[min(k - 1, int(k * (before + len(group) / 2) / len(pairs)))].extend(group)
+        before += len(group)
+    return [b for b in bins if b]
 
 
 def win_share_chart(decided, unit, model):
@@ -399,7 +406,7 @@ def win_share_chart(decided, unit, model):
     if not decided:
         return ""
     decided = sorted(decided)  # (dlen, won)
-    bins = [b for b in equal_count_bins(decided, min(8, max(1, len(decided) // 25))) if b]
+    bins = equal_count_bins(decided, min(8, max(1, len(decided) // 25)))
     f = Frame(520, 320, (-0.5, len(bins) - 0.5), (0, 1), bottom=56)
     f.axes(f"\u0394 length (A \u2212 B), {unit}: bins of equal count", "A's share of decided prompts",
            xticks=[], yticks=[0, 0.25, 0.5, 0.75, 1])

@@ -31,7 +31,8 @@ def browse(tmp_path, page, fragment="", screenshot=None, size="1400,1800"):
     """Open file://page#fragment in a fresh headless Chromium; the DOM after its script ran (or the screenshot)."""
     profile = tmp_path / f"profile{len(list(tmp_path.glob('profile*')))}"
     cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+           "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+           f"--user-data-dir={profile}",
            "--virtual-time-budget=5000"]
     cmd += [f"--window-size={size}", "--hide-scrollbars", f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
     proc = subprocess.run(cmd + [page.resolve().as_uri() + (f"#{fragment}" if fragment else "")],
@@ -163,6 +164,15 @@ def test_script_json_is_inert_and_round_trips():
     assert "\\u003c/script\\u003e" in text and "\\u2028" in text
     with pytest.raises(ValueError):  # NaN is not JSON: the page's rows hold null instead (pages.finite)
         pages.script_json(float("nan"))
+
+
+def test_length_bins_keep_equal_values_together():
+    # a run of equal values goes to the quantile its middle falls in: 105 at -15 (middle 52.5 of 1005: bin 0 of 8),
+    # 900 at 0 (middle 555: bin 4); 0..9 in 3 bins by the middles 0.5..9.5 (bins start at 10/3 and 20/3)
+    bins = pages.equal_count_bins([(-15, 1)] * 105 + [(0, 0)] * 900, 8)
+    assert [(len(b), b[0][0]) for b in bins] == [(105, -15), (900, 0)]
+    assert [[v for v, _ in b] for b in pages.equal_count_bins([(i, 0) for i in range(10)], 3)] == \
+        [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]
 
 
 def test_eval_report_shows_every_prompt_and_runs_no_injected_markup(tmp_path, beacon):
