@@ -129,13 +129,14 @@ def fake_synthetic(out: Path, n, k=4, seed=0):
         for j in range(k):
             tokens = min(512, int(rng.lognormvariate(math.log(250), 0.5)))
             group.append(dict(prompt_id=f"gen-{i:05d}", prompt=prompt, sample=j, response=answer(rng, topic, tokens),
-                              score=round(rng.gauss(0, 1) + tokens / 250, 4), n_tokens=tokens, finished=tokens < 512))
+                              score=round(rng.gauss(0, 1) + tokens / 250, 4), n_tokens=tokens + (tokens < 512),
+                              finished=tokens < 512))  # n_tokens holds the stop token, *_tokens not
         samples += group
         best, worst = max(group, key=lambda s: s["score"]), min(group, key=lambda s: s["score"])
         pairs.append(dict(prompt_id=best["prompt_id"], prompt=prompt, chosen=best["response"], rejected=worst["response"],
                           score_chosen=best["score"], score_rejected=worst["score"], chosen_finished=best["finished"],
-                          rejected_finished=worst["finished"], chosen_tokens=best["n_tokens"],
-                          rejected_tokens=worst["n_tokens"]))
+                          rejected_finished=worst["finished"], chosen_tokens=best["n_tokens"] - best["finished"],
+                          rejected_tokens=worst["n_tokens"] - worst["finished"]))
     write_jsonl(out / "samples.jsonl", samples)
     write_jsonl(out / "pairs.jsonl", pairs)
     deltas = [p["chosen_tokens"] - p["rejected_tokens"] for p in pairs]

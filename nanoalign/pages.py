@@ -583,6 +583,13 @@ length-controlled rate is the fit's value at equal lengths.</figcaption></figure
     return path
 
 
+def answer_tokens(sample):
+    """A sample's answer length as pairs.jsonl counts it: samples.jsonl's n_tokens holds the stop token of a finished
+    answer, the pairs' *_tokens do not."""
+    n = sample.get("n_tokens")
+    return n - bool(sample.get("finished")) if isinstance(n, int) else None
+
+
 def pair_rows(out_dir: Path):
     """pairs.jsonl as the page's rows, each with the prompt's other samples (from samples.jsonl), best first."""
     pairs = read_jsonl(out_dir / "pairs.jsonl") if (out_dir / "pairs.jsonl").exists() else []
@@ -599,12 +606,12 @@ def pair_rows(out_dir: Path):
             hit = next((r for r in others if (r.get("response"), r.get("score")) == (p[side], p[f"score_{side}"])), None)
             if hit is not None:
                 others.remove(hit)
-            tokens[side] = p.get(f"{side}_tokens", hit.get("n_tokens") if hit else None)
+            tokens[side] = p.get(f"{side}_tokens", answer_tokens(hit) if hit else None)
         rows.append(dict(i=i, id=pid, p=messages(p.get("prompt") or ""), c=p["chosen"], r=p["rejected"],
                          sc=finite(p.get("score_chosen")), sr=finite(p.get("score_rejected")),
                          tc=tokens["chosen"], tr=tokens["rejected"], fc=p.get("chosen_finished"),
                          fr=p.get("rejected_finished"),
-                         o=[[finite(r.get("score")), r.get("n_tokens"), r.get("finished"), r.get("response") or ""]
+                         o=[[finite(r.get("score")), answer_tokens(r), r.get("finished"), r.get("response") or ""]
                             for r in others]))
     return rows
 

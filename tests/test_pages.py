@@ -265,14 +265,15 @@ def synthetic_dir(root):
     for i in range(4):
         prompt = [{"role": "user", "content": f"Prompt {i}" + (f" {INJECT}" if i == 1 else "")}]
         group = [dict(prompt_id=f"g{i}", prompt=prompt, sample=k, response=f"sample {i}.{k} " + "word " * (3 * k + i),
-                      score=[0.2, 0.9, 0.5][k] + 0.1 * i, n_tokens=3 * k + i + 2, finished=k != 2) for k in range(3)]
+                      score=[0.2, 0.9, 0.5][k] + 0.1 * i, n_tokens=3 * k + i + 3, finished=k != 2) for k in range(3)]
         samples += group
         if i != 2:
             best, worst = group[1], group[0] if i != 3 else group[2]
             pairs.append(dict(prompt_id=f"g{i}", prompt=prompt, chosen=best["response"], rejected=worst["response"],
                               score_chosen=best["score"], score_rejected=worst["score"],
                               chosen_finished=best["finished"], rejected_finished=worst["finished"],
-                              **({"chosen_tokens": best["n_tokens"], "rejected_tokens": worst["n_tokens"]} if i else {})))
+                              **({"chosen_tokens": best["n_tokens"] - best["finished"],  # the stop token left out
+                                  "rejected_tokens": worst["n_tokens"] - worst["finished"]} if i else {})))
     root.mkdir(parents=True)
     write_jsonl(root / "samples.jsonl", samples)
     write_jsonl(root / "pairs.jsonl", pairs)
@@ -290,15 +291,18 @@ def test_pairs_report_shows_each_pair_with_the_other_samples(tmp_path):
     # gaps: g0 0.7, g1 0.7, g3 0.4 (chosen 1.2 vs rejected 0.8): largest first, ties in file order
     assert ids(dom) == ["g0", "g1", "g3"]
     g0, g1, g3 = dom.articles()
-    # lengths: from the pair's own fields, or (g0, written before they existed) from its samples' n_tokens
+    # lengths: from the pair's own fields, or (g0, written before they existed) from its samples' n_tokens less the
+    # stop token of a finished answer (6 - 1 and 3 - 1)
     assert [h.text() for h in g0.all("h4")][:2] == ["chosen \u00b7 score 0.900 \u00b7 5 tokens \u00b7 finished",
                                                     "rejected \u00b7 score 0.200 \u00b7 2 tokens \u00b7 finished"]
-    assert [s.text() for s in g3.all("span")][-1] == "\u0394 -3 tokens (chosen \u2212 rejected)"
+    assert [s.text() for s in g3.all("span")][-1] == "\u0394 -4 tokens (chosen \u2212 rejected)"  # 9 - 1 vs 12, cut
     # the third sample of each prompt, the one in no pair, with its score
-    for card, (i, k, score) in zip((g0, g1, g3), ((0, 2, 0.5), (1, 2, 0.6), (3, 0, 0.5))):
+    for card, (i, k, about) in zip((g0, g1, g3), ((0, 2, "0.500 \u00b7 9 tokens \u00b7 cut at max tokens"),
+                                                  (1, 2, "0.600 \u00b7 10 tokens \u00b7 cut at max tokens"),
+                                                  (3, 0, "0.500 \u00b7 5 tokens \u00b7 finished"))):
         others = next(card.all("details"))
-        assert others.text().startswith(f"1 other sample of this prompt (scores {score:.2f})")
-        assert f"sample {i}.{k} " in others.text() and f"score {score:.3f}" in others.text()
+        assert others.text().startswith(f"1 other sample of this prompt (scores {about[:4]})")
+        assert f"sample {i}.{k} " in others.text() and [h.text() for h in others.all("h4")] == [f"score {about}"]
     assert g1.text().count(INJECT) == 1 and not [e for e in dom.root.all() if e.attrs.get("id", "").startswith("pwned")]
     text = dom.root.text()
     assert "prompts below gap: 1" in text and "chosen longer in 66.7% of pairs" in text
