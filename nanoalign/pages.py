@@ -48,7 +48,7 @@ h1{font-size:21px;margin:6px 0 2px}h2{font-size:16px;margin:22px 0 6px}
 .card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:8px 14px;min-width:150px}
 .card .big{font-size:24px;font-weight:650;line-height:1.2}
 table{border-collapse:collapse}td,th{padding:3px 12px 3px 0;text-align:left;vertical-align:top}
-table.grid td,table.grid th{border-bottom:1px solid var(--line);padding:5px 14px 5px 0}
+table.grid td,table.grid th{border-bottom:1px solid var(--line);padding:5px 14px 5px 0}table.grid td:first-child{white-space:nowrap}
 th{font-weight:600}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}td.num{white-space:nowrap}
 .charts{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
 .charts figure{margin:0}.charts figcaption{font-size:12px;color:var(--muted);max-width:520px}
@@ -419,7 +419,7 @@ def win_share_chart(decided, unit, model):
         lo, hi = wilson_interval(wins, len(b))
         cx = f.x(i)
         p.append(f'<rect x="{cx - width / 2:.1f}" y="{f.y(wins / len(b)):.1f}" width="{width:.1f}" '
-                 f'height="{f.y(0) - f.y(wins / len(b)):.1f}" fill="{COLORS["a"]}" fill-opacity="0.35"/>'
+                 f'height="{f.y(0) - f.y(wins / len(b)):.1f}" fill="{COLORS["a"]}" fill-opacity="0.35" stroke="{COLORS["a"]}"/>'
                  f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{f.y(lo):.1f}" y2="{f.y(hi):.1f}" stroke="#333"/>'
                  f'<text x="{cx:.1f}" y="{f.bottom + 14}" text-anchor="middle">{b[0][0]:g}..{b[-1][0]:g}</text>'
                  f'<text x="{cx:.1f}" y="{f.bottom + 27}" text-anchor="middle">n={len(b)}</text>')
@@ -431,9 +431,7 @@ def win_share_chart(decided, unit, model):
     if fitted:
         p.append(f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in fitted)}" fill="none" '
                  'stroke="#1f4fbf" stroke-width="2"/>'
-                 + "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="#1f4fbf"/>' for x, y in fitted)
-                 + f'<text x="{f.right - 6}" y="{f.top + 14}" text-anchor="end" style="fill:#1f4fbf">'
-                   "length model fit</text>")
+                 + "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="#1f4fbf"/>' for x, y in fitted))
     return f.svg("A's share of decided prompts by length difference")
 
 
@@ -572,8 +570,8 @@ def write_eval_report(out_dir) -> Path:
 <div class="charts"><figure>{scatter_chart(points, unit)}<figcaption>Each dot is a prompt: green {esc(name_a)} wins, red {esc(name_b)} wins,
 grey tie. Dots rising to the right mean the reward prefers the longer answer.</figcaption></figure>
 <figure>{win_share_chart(decided, unit, model)}<figcaption>Bars: {esc(name_a)}'s share of the decided prompts in each
-length bin (Wilson 95%). If they climb from left to right, part of the raw win rate is a length effect; the
-length-controlled rate is the fit's value at equal lengths.</figcaption></figure></div>
+length bin (Wilson 95%); blue: the length model's fit at each bin's median. If the bars climb from left to right,
+part of the raw win rate is a length effect; the length-controlled rate is the fit's value at equal lengths.</figcaption></figure></div>
 <h2>Every prompt</h2>
 {controls(buttons, sorts)}
 {footer(f"{out_dir.resolve()}: summary.json, per_prompt.jsonl.", "report.html#verdict=loss&q=word&sort=margin&dir=asc")}"""
