@@ -39,6 +39,7 @@ from nanoalign.errors import InputError
 from nanoalign.jsonl import ShardedJsonl, write_json
 from nanoalign.lora import load_merged
 from nanoalign.model import check_vocab
+from nanoalign.pages import write_eval_report
 from nanoalign.preferences import BOOTSTRAP, answer_lengths, length_controlled, win_rate
 from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
 from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
@@ -231,3 +232,4 @@ for side, name in (("a", args.name_a), ("b", args.name_b)):
     length = summary["lengths"][side]
     print(f"  {name[:18]:<18} {show(length['mean_tokens'], '.1f'):>6}  {show(length['median_tokens'], 'g'):>6}  "
           f"{show(length['empty_share'], '.1%'):>6}  {show(length['truncated_share'], '.1%')}")
+print(f"report: {write_eval_report(out)}")  # every prompt, both answers side by side, in a browser

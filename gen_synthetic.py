@@ -38,6 +38,7 @@ from nanoalign.engine import Engine
 from nanoalign.jsonl import ShardedJsonl, write_json, write_jsonl
 from nanoalign.lora import load_merged
 from nanoalign.model import check_vocab
+from nanoalign.pages import write_pairs_report
 from nanoalign.preferences import best_worst_pair, pair_lengths, text_similarity
 from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
 from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
@@ -230,3 +231,4 @@ summary = dict(prompts=len(by_prompt), samples=len(rows), pairs=len(pairs), **dr
                pair_lengths=pair_lengths([p["chosen_tokens"] for p in pairs], [p["rejected_tokens"] for p in pairs]))
 write_json(out / "summary.json", summary)
 print(json.dumps(summary))
+print(f"report: {write_pairs_report(out)}")  # every pair beside the prompt's other samples, in a browser

@@ -34,6 +34,7 @@ from nanoalign import toy
 from nanoalign.chat import load_chat
 from nanoalign.jsonl import write_jsonl
 from nanoalign.model import CausalLM, ModelConfig, save_model
+from nanoalign.pages import write_compare
 
 ROOT = Path(__file__).resolve().parent.parent  # the scripts live beside the package (pip install -e .)
 N_EVAL = 1000  # held-out prompts of both win rates
@@ -152,6 +153,8 @@ def main(argv=None):
     (out / "results.json").write_text(json.dumps(dict(evals=results, synthetic=synth_summary,
                                                       seconds=round(time.time() - t0, 1)), indent=2) + "\n")
     figures = write_figures(out, results)
+    print(f"pages: {write_compare([out / ('eval_' + n.replace(' ', '_')) for n in evals], out / 'compare.html')} "
+          "(each comparison's report.html: every prompt's answers side by side)")
     print(f"done in {time.time() - t0:.0f}s: {out / 'results.json'}, {figures}{out}/*/metrics.jsonl")
 
 

@@ -55,7 +55,7 @@ def test_readme_shows_the_demo_table(demo):
 
 
 def test_demo_artefacts_are_well_formed(demo):
-    out, _ = demo
+    out, stdout = demo
     # every training run logged metrics; DPO starts at exactly ln 2 (adapter B = 0: policy == reference)
     sft, dpo, dpo2 = (read_jsonl(out / run / "metrics.jsonl") for run in ("sft", "dpo", "dpo2"))
     assert sft[-1]["loss"] < 0.5 * sft[0]["loss"] and "eval_loss" in sft[-1]
@@ -74,6 +74,10 @@ def test_demo_artefacts_are_well_formed(demo):
     assert len(samples) % 8 == 0 and len(pairs) > 100
     assert all(p["score_chosen"] - p["score_rejected"] >= 0.5 and p["chosen"].strip() for p in pairs)
     assert len(read_jsonl(out / "eval_dpo_vs_sft/per_prompt.jsonl")) == N_EVAL
+    # the HTML pages: a report per eval and for the synthetic pairs, and compare.html linking both evals
+    assert all((out / d / "report.html").exists() for d in ("eval_dpo_vs_sft", "eval_round_2_vs_dpo", "synth"))
+    assert 'href="eval_dpo_vs_sft/report.html"' in (out / "compare.html").read_text()
+    assert f"pages: {out / 'compare.html'}" in stdout
     # the figures are real PNGs (matplotlib, from the `plot` extra that the README's demo line installs)
     plt = pytest.importorskip("matplotlib.pyplot")
     assert plt.imread(out / "curves.png").shape == (680, 1500, 4)  # SFT loss, DPO loss, acc, margin, log-probs

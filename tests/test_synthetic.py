@@ -283,8 +283,8 @@ def test_two_ranks_resume_a_one_process_run_with_the_same_files(setup, toy_run, 
     assert "8 prompts: 2 done before, 6 to sample on 2 ranks" in proc.stdout
     for name in ("samples.jsonl", "pairs.jsonl", "summary.json"):
         assert (out / name).read_bytes() == (toy_run / name).read_bytes(), name
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "pairs.jsonl", "run_settings.json", "samples.jsonl",
-                                                     "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "pairs.jsonl", "report.html", "run_settings.json",
+                                                     "samples.jsonl", "summary.json"]
 
 
 # -----------------------------------------------------------------------------
@@ -545,7 +545,8 @@ def test_eval_model_vs_stored_responses(setup, tmp_path):
                                   *(f"[{summary['lc_ci95'][0]:.3f},", f"{summary['lc_ci95'][1]:.3f}]")]
     assert printed[6].split() == ["stored", f"{summary['lengths']['b']['mean_tokens']:.1f}",
                                   f"{summary['lengths']['b']['median_tokens']:g}", "0.0%", "n/a"]
-    assert len(printed) == 7 and max(map(len, printed)) <= 100
+    assert len(printed) == 8 and max(map(len, printed[:7])) <= 100
+    assert printed[7] == f"report: {out / 'report.html'}"  # then the page (nanoalign/pages.py)
 
     # a prompt without a stored response, a row without a response: errors that say so, before any model runs
     write_jsonl(path, stored[1:])
