@@ -31,7 +31,7 @@ from nanoalign.completions import HttpPolicy, PolicyServerError
 from nanoalign.data import prompt_records, read_records
 from nanoalign.engine import generate
 from nanoalign.errors import InputError
-from nanoalign.jsonl import ShardedJsonl, write_json
+from nanoalign.jsonl import NUMBER_OR_NULL, ShardedJsonl, has_fields, write_json
 from nanoalign.lora import load_merged
 from nanoalign.model import check_vocab
 from nanoalign.preferences import win_rate
@@ -97,7 +97,11 @@ check_settings(out, settings_from(
 # checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
                          check=prompt_check(args.reward))
-judged = ShardedJsonl(out / "per_prompt.jsonl", key=lambda r: r["prompt_id"], rank=d.rank, world=d.world)
+# what a verdict row must hold to count as judged; a row without it is damaged and its prompt judged again
+PER_PROMPT_FIELDS = dict(prompt_id=str, prompt=list, response_a=str, response_b=str, score_a=NUMBER_OR_NULL,
+                         score_b=NUMBER_OR_NULL, winner=str)
+judged = ShardedJsonl(out / "per_prompt.jsonl", key=lambda r: r["prompt_id"], rank=d.rank, world=d.world,
+                      check=has_fields(PER_PROMPT_FIELDS))
 done = {row["prompt_id"] for row in judged.rows}
 todo = [(pid, messages) for pid, messages in prompts if pid not in done]
 print0(f"{len(prompts)} prompts: {len(done)} judged before, {len(todo)} to go"
