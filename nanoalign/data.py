@@ -209,8 +209,8 @@ def _parquet_batches(path, name):
             n += len(rows)
             yield rows
     except (pyarrow.ArrowException, OSError) as e:  # not parquet, cut short, a corrupt page
-        where = f" after row {n - 1}" if n else ""
-        raise InputError(f"{name}: not a readable parquet file{where} ({e})") from None
+        where, msg = f" after row {n - 1}" if n else "", (str(e).strip().splitlines() or [""])[0]
+        raise InputError(f"{name}: not a readable parquet file{where} ({msg})") from None
 
 
 def _pyarrow_parquet():

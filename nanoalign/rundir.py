@@ -192,8 +192,8 @@ def remove_leftovers(out):
             except OSError:  # gone meanwhile, or not ours to remove: leave it
                 pass
     if removed:
-        print(f"removed {removed} temporary file{'s' * (removed > 1)} ({size / 1e6:.1f} MB) that killed runs left "
-              f"in {out}", flush=True)
+        print(f"removed {removed} temporary file{'s' * (removed > 1)} ({size:,} bytes) that killed runs left in {out}",
+              flush=True)
 
 
 def _alive(pid):
