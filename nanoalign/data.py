@@ -71,8 +71,9 @@ def _is_hub_id(s):
 
 
 def _list_hub_files(repo, split, config):
-    """One split's files of hub dataset `repo`: as the hub lists them, or, with HF_HUB_OFFLINE=1 or when the hub
-    cannot be reached, as its snapshot in the local hub cache holds them (hf_hub_download then reads them there)."""
+    """One split's files of hub dataset `repo`: as the hub lists them, or, with HF_HUB_OFFLINE=1 (no network call)
+    or when the hub cannot list them, as its snapshot in the local hub cache holds them (hf_hub_download then reads
+    them there)."""
     listing, error = None, None
     if not _hub_offline():
         from huggingface_hub import list_repo_files

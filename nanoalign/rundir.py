@@ -186,11 +186,11 @@ def remove_leftovers(out):
         match = TEMP_NAME.fullmatch(path.name)
         if match and path.is_file() and not _alive(int(match.group(1))):
             try:
-                size += path.stat().st_size
+                n = path.stat().st_size
                 path.unlink()
-                removed += 1
             except OSError:  # gone meanwhile, or not ours to remove: leave it
-                pass
+                continue
+            removed, size = removed + 1, size + n
     if removed:
         print(f"removed {removed} temporary file{'s' * (removed > 1)} ({size:,} bytes) that killed runs left in {out}",
               flush=True)
