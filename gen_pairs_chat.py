@@ -70,7 +70,8 @@ lock_out_dir(out)
 # stops (README "Runs that survive")
 check_settings(out, settings_from(args, FREE, **{"--template (sha256 of its text)": sha256(template)}), args.overwrite)
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts)
-cache = JsonlCache(out / "chat_cache.jsonl", ("prompt_id",), dict(model=args.model, template_sha256=sha256(template)))
+cache = JsonlCache(out / "chat_cache.jsonl", ("prompt_id",), dict(model=args.model, template_sha256=sha256(template)),
+                   {"content": str})
 
 
 def prompt_text(messages) -> str:

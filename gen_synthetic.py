@@ -35,7 +35,7 @@ from nanoalign.completions import HttpPolicy, PolicyServerError
 from nanoalign.data import prompt_records, read_records
 from nanoalign.endpoint import is_score
 from nanoalign.engine import Engine
-from nanoalign.jsonl import ShardedJsonl, write_json, write_jsonl
+from nanoalign.jsonl import NUMBER_OR_NULL, ShardedJsonl, has_fields, write_json, write_jsonl
 from nanoalign.lora import load_merged
 from nanoalign.model import check_vocab
 from nanoalign.pages import write_pairs_report
@@ -117,7 +117,11 @@ prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.pro
                          check=prompt_check(args.reward))
 
 # resume: prompts with all n samples on disk (any earlier run, any world size) are done; the rest is redone
-samples = ShardedJsonl(out / "samples.jsonl", key=lambda r: (r["prompt_id"], r["sample"]), rank=d.rank, world=d.world)
+# what a sample row must hold to count as done; a row without it is damaged and its prompt sampled again
+SAMPLE_FIELDS = dict(prompt_id=str, prompt=list, sample=int, response=str, score=NUMBER_OR_NULL, n_tokens=int,
+                     finished=bool)
+samples = ShardedJsonl(out / "samples.jsonl", key=lambda r: (r["prompt_id"], r["sample"]), rank=d.rank, world=d.world,
+                       check=has_fields(SAMPLE_FIELDS))
 count = defaultdict(int)
 for row in samples.rows:  # a score that fails the checks a fresh one gets (NaN, 1e308: older runs) is redone
     count[row["prompt_id"]] += row["sample"] < n and (row["score"] is None or is_score(row["score"]))
@@ -200,7 +204,9 @@ cleanup_distributed()
 if rows is None:  # rank > 0: rank 0 merges and writes the pairs
     raise SystemExit(0)
 
-# pairs are a pure function of the samples on disk, so they are rebuilt whole on every run
+# pairs are a pure function of the samples on disk, so they are rebuilt whole on every run, from the prompts of this
+# run only (samples.jsonl keeps those of earlier runs with more prompts, for a later, larger run)
+rows = [row for row in rows if row["prompt_id"] in order]
 by_prompt = defaultdict(list)
 for row in rows:
     by_prompt[row["prompt_id"]].append(row)

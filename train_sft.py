@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from nanoalign.chat import load_chat
-from nanoalign.data import pack, packed_batch, pad_right, sft_batches, shard, split_holdout, step_batches
+from nanoalign.data import content_key, pack, packed_batch, pad_right, sft_batches, shard, split_holdout, step_batches
 from nanoalign.errors import InputError
 from nanoalign.losses import masked_logps, sft_loss
 from nanoalign.tokenized import sft_dataset
@@ -133,7 +133,9 @@ dataset = sft_dataset(args.data, args.data_split, args.data_config, chat, args.m
                       args.data_cache or None, is_builder=d.local_rank == 0,
                       barrier=torch.distributed.barrier if d.world > 1 else None)
 print0(f"data: {dataset.stats}")
-train_idx, eval_idx = split_holdout(list(range(len(dataset))), args.eval_frac, args.seed)
+# held out by content: every copy of a conversation (same token ids and mask) goes to the same side
+train_idx, eval_idx = split_holdout(list(range(len(dataset))), args.eval_frac, args.seed,
+                                    key=lambda i: content_key(dataset[i]))
 # uneven eval shares: the eval loss covers every held-out conversation whatever the world size
 train_set, eval_set = dataset.subset(train_idx), dataset.subset(shard(eval_idx, d.rank, d.world))
 # a training unit is a packed row (lists of conversation indices), or one conversation
@@ -222,7 +224,7 @@ def save(name, final=False):
                 save_model(model, ckpt, tokenizer_from=tokenizer_dir)
             if final:
                 write_model_card(ckpt, title=f"{out.name}: SFT of {args.model}", base=args.model, args=vars(args),
-                                 data=[(args.data, len(train_set)), ("(held out for eval loss)", len(eval_set) * d.world)],
+                                 data=[(args.data, len(train_set)), ("(held out for eval loss)", len(eval_idx))],
                                  metrics=final_metrics, world=d.world, steps=step, adapter=args.lora, tags=["sft"])
         if not final:
             save_train_state(ckpt, optimizer, scaler, step, args=vars(args))

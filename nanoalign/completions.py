@@ -14,10 +14,8 @@ nanoalign.endpoint.Endpoint, shared with the reward client.
 """
 import hashlib
 import json
-from pathlib import Path
-import threading
 
-from nanoalign.endpoint import Endpoint, EndpointError
+from nanoalign.endpoint import Endpoint, EndpointError, JsonlCache
 from nanoalign.sampling import stream_key
 
 
@@ -58,17 +56,7 @@ class HttpPolicy:
         if top_k:
             self.settings["top_k"] = top_k  # vLLM / SGLang extension; not sent when off
         self.seed, self.concurrency = seed, concurrency
-        self.cache_path = Path(cache_path) if cache_path else None
-        self.cache, self._lock = {}, threading.Lock()
-        if self.cache_path and self.cache_path.exists():
-            for line in self.cache_path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-                answer = cached_answer(row)
-                if answer is not None:  # anything else is asked again
-                    self.cache[row["request_sha256"]] = answer
+        self.cache = JsonlCache(cache_path, ("request_sha256",), {}, dict(text=str, n_tokens=int, finished=bool))
 
     def payload(self, prompt_ids, key) -> dict:
         return dict(self.settings, prompt=list(prompt_ids), seed=stream_key(self.seed, key)[0])
@@ -78,19 +66,17 @@ class HttpPolicy:
         Raises PolicyServerError for the first request that fails; answers received before are cached."""
         payloads = [self.payload(p, key) for p, key in requests]
         shas = [hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest() for p in payloads]
-        todo = {sha: p for sha, p in zip(shas, payloads) if sha not in self.cache}
+        todo = {sha: p for sha, p in zip(shas, payloads) if self._answer(sha) is None}
         self.transport.map(lambda item: self._ask(*item), todo.items())
-        return [self.cache[sha] for sha in shas]
+        return [self._answer(sha) for sha in shas]
+
+    def _answer(self, sha):
+        row = self.cache.get((sha,))
+        return None if row is None else cached_answer(row)  # a row that fails the checks is asked again
 
     def _ask(self, sha, payload):
         try:
-            answer = self.transport.post(payload, parse_completion)
+            text, n_tokens, finished = self.transport.post(payload, parse_completion)
         except EndpointError as e:
             raise PolicyServerError(str(e)) from None
-        with self._lock:
-            self.cache[sha] = answer
-            if self.cache_path:
-                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.cache_path, "a") as f:
-                    f.write(json.dumps(dict(request_sha256=sha, model=payload["model"], text=answer[0],
-                                            n_tokens=answer[1], finished=answer[2])) + "\n")
+        self.cache.put((sha,), model=payload["model"], text=text, n_tokens=n_tokens, finished=finished)

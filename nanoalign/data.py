@@ -71,15 +71,58 @@ def _is_hub_id(s):
 
 
 def _list_hub_files(repo, split, config):
-    from huggingface_hub import list_repo_files
+    """One split's files of hub dataset `repo`: as the hub lists them, or, with HF_HUB_OFFLINE=1 (no network call)
+    or when the hub cannot list them, as its snapshot in the local hub cache holds them (hf_hub_download then reads
+    them there)."""
+    listing, error = None, None
+    if not _hub_offline():
+        from huggingface_hub import list_repo_files
+        try:
+            listing, source = list_repo_files(repo, repo_type="dataset"), repo
+        except Exception as e:  # offline, missing repo, auth: the cache, else one line
+            error = e
+    if listing is None:
+        snapshot = _cached_snapshot(repo, error)
+        listing = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+        source = f"{repo} (hub cache, commit {snapshot.name[:12]})"
+        if error is not None:
+            print(f"could not reach the hub ({type(error).__name__}): reading {source}", flush=True)
+    return select_files(listing, split, config, source=source)
 
+
+def hub_commit(repo):
+    """The commit of hub dataset `repo` that read_records reads (tokenise-once caches key on it): the hub's main,
+    or its snapshot's in the local hub cache, with no network call, when _list_hub_files lists that."""
+    error = None
+    if not _hub_offline():
+        from huggingface_hub import HfApi
+        try:
+            return HfApi().dataset_info(repo).sha
+        except Exception as e:
+            error = e
+    return _cached_snapshot(repo, error).name
+
+
+def _hub_offline():
+    from huggingface_hub import constants
+    return constants.HF_HUB_OFFLINE
+
+
+def _cached_snapshot(repo, online_error=None) -> Path:
+    """The snapshot dir of hub dataset `repo` (its refs/main) in the local hub cache, or one line saying why not."""
+    from huggingface_hub import constants, snapshot_download
     try:
-        listing = list_repo_files(repo, repo_type="dataset")
-    except Exception as e:  # offline, missing repo, auth: one line instead of a traceback chain
-        msg = (str(e).strip().splitlines() or [""])[0]
+        return Path(snapshot_download(repo, repo_type="dataset", local_files_only=True))
+    except Exception as e:
+        if getattr(e, "snapshot_path", None):  # IncompleteSnapshotError: only some files cached (e.g. one split)
+            return Path(e.snapshot_path)
+    if online_error is not None:
+        msg = (str(online_error).strip().splitlines() or [""])[0]
         raise FileNotFoundError(f"no local path {repo!r} and could not list hub dataset {repo!r}: "
-                                f"{type(e).__name__}: {msg}") from None
-    return select_files(listing, split, config, source=repo)
+                                f"{type(online_error).__name__}: {msg}") from None
+    raise FileNotFoundError(f"no local path {repo!r}, and hub dataset {repo!r} is not in the hub cache "
+                            f"({constants.HF_HUB_CACHE}), which is all HF_HUB_OFFLINE=1 allows: download it once "
+                            f"where the hub can be reached (`hf download {repo} --repo-type dataset`)")
 
 
 def _rows(files, repo=None):
@@ -149,12 +192,26 @@ def _one_object_over_lines(path, name):
 
 
 def _read_parquet(path, name):
-    pq = _pyarrow_parquet()
     n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
+    for rows in _parquet_batches(path, name):
+        for row in rows:
             yield _check_row(f"{name}:row {n}", row)
             n += 1
+
+
+def _parquet_batches(path, name):
+    """The rows of a parquet file, 1024 at a time; a file pyarrow cannot read is one line naming it."""
+    import pyarrow
+
+    pq, n = _pyarrow_parquet(), 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            rows = batch.to_pylist()
+            n += len(rows)
+            yield rows
+    except (pyarrow.ArrowException, OSError) as e:  # not parquet, cut short, a corrupt page
+        where, msg = f" after row {n - 1}" if n else "", (str(e).strip().splitlines() or [""])[0]
+        raise InputError(f"{name}: not a readable parquet file{where} ({msg})") from None
 
 
 def _pyarrow_parquet():
@@ -441,18 +498,19 @@ def mix(example_lists, weights, seed):
     return out
 
 
-def split_holdout(examples, frac, seed):
+def split_holdout(examples, frac, seed, key=None):
     """Deterministic (train, eval) split: eval gets round(frac * n) examples (at least 1 when frac > 0),
-    chosen at random with `seed`; both keep the input order. A copy of a held-out example (same content) is
-    kept out of train too, so nothing is evaluated on what it trained on."""
+    chosen at random with `seed`; both keep the input order. A copy of a held-out example (same content:
+    key(example), content_key by default) is kept out of train too, so nothing is evaluated on what it trained on."""
+    key = key or content_key
     n = len(examples)
     n_eval = max(1, round(frac * n)) if frac > 0 else 0
     if n_eval >= n:
         raise InputError(f"--eval-frac {frac}: a holdout of {n_eval} leaves no training examples out of {n}")
     held = set(random.Random(seed).sample(range(n), n_eval))
     evals = [ex for i, ex in enumerate(examples) if i in held]
-    held_content = {_content(ex) for ex in evals}
-    train = [ex for i, ex in enumerate(examples) if i not in held and not (held and _content(ex) in held_content)]
+    held_content = {key(ex) for ex in evals}
+    train = [ex for i, ex in enumerate(examples) if i not in held and not (held and key(ex) in held_content)]
     return train, evals
 
 
@@ -466,16 +524,23 @@ def holdout_and_mix(sources, weights, frac, seed):
     assert len(sources) == len(weights), "one weight per source"
     parts = [split_holdout(examples, frac, seed) if w > 0 else ([], []) for examples, w in zip(sources, weights)]
     evals = [ex for _, held in parts for ex in held]
-    held_content = {_content(ex) for ex in evals}
-    trains = [[ex for ex in train if _content(ex) not in held_content] for train, _ in parts]
+    held_content = {content_key(ex) for ex in evals}
+    trains = [[ex for ex in train if content_key(ex) not in held_content] for train, _ in parts]
     return mix(trains, weights, seed), evals
 
 
-def _content(example):
-    """A hashable stand-in for an example's content ({"ids": [...], "mask": [...]} and the like, or a plain value)."""
+def content_key(example):
+    """A hashable stand-in for an example's content: {"ids": ..., "mask": ...} and the like, whose lists become
+    tuples and numpy arrays (a tokenised set's views) a 128-bit digest of their bytes; or a plain value."""
     if isinstance(example, dict):
-        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(example.items()))
+        return tuple((k, _hashable(v)) for k, v in sorted(example.items()))
     return example
+
+
+def _hashable(value):
+    if isinstance(value, np.ndarray):
+        return hashlib.blake2b(np.ascontiguousarray(value).tobytes(), digest_size=16).digest()
+    return tuple(value) if isinstance(value, list) else value
 
 
 def shard(examples, rank, world):

@@ -10,6 +10,8 @@ Errors: EndpointError ends a run (after the retries, or at once for 401/403/404 
 refusal of one item (400, 413, 422: e.g. an input over the model's context) that the caller may record and skip.
 """
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+import fcntl
 import hashlib
 import http.client
 import io
@@ -25,6 +27,8 @@ import urllib.parse
 from tokenizers import Tokenizer
 
 from nanoalign.errors import InputError
+from nanoalign.jsonl import NUMBER, has_fields, parse_rows, say_damaged
+from nanoalign.rundir import disk_errors
 
 NVIDIA_BASE_URL = "https://integrate.api.nvidia.com/v1"
 NEMOTRON_REWARD = "nvidia/llama-3.1-nemotron-70b-reward"
@@ -246,23 +250,44 @@ class _Reply(io.RawIOBase):
 class JsonlCache:
     """Rows keyed by some of their fields, appended to a JSONL file as they arrive and read back at start.
 
-    A line torn by a kill is skipped. Only rows whose `scope` fields match (e.g. the model name) are read, so one
-    file can hold several models' answers.
+    Only rows whose `scope` fields match (e.g. the model name) are read, so one file can hold several models'
+    answers. A row is a result (holding `fields`, {name: type}) or a refusal (an `error` string). Several processes
+    may share the file (the ranks of a torchrun job): each read and append holds an flock on it. On open, a line
+    torn by a kill and damaged rows (not JSON, a key field missing, neither a result nor a refusal) are cut from the
+    file, the damage named in one line: their items are asked again.
     """
 
-    def __init__(self, path, key_fields: tuple, scope: dict):
+    def __init__(self, path, key_fields: tuple, scope: dict, fields: dict | None = None):
         self.path = Path(path) if path else None
         self.key_fields, self.scope = key_fields, scope
         self.rows: dict[tuple, dict] = {}
         self._lock = threading.Lock()
+        self._is_result = has_fields(fields)
+        self._has_keys = has_fields(dict.fromkeys(key_fields, (str, int)))
         if self.path and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a crash mid-write
-                    continue
-                if isinstance(row, dict) and all(row.get(k) == v for k, v in scope.items()):
-                    self.rows[tuple(row.get(k) for k in key_fields)] = row
+            with disk_errors(self.path), _locked(self.path, "rb+") as f:
+                data = f.read()
+                rows, lines, damaged = parse_rows(data, self._check)
+                kept = b"".join(lines)
+                if kept != data:  # in place, under the lock: other processes append after what is kept
+                    f.seek(0)
+                    f.write(kept)
+                    f.truncate()
+            say_damaged(self.path, damaged, "their items are asked again")
+            for row in rows:
+                if self._in_scope(row):
+                    self.rows[tuple(row[k] for k in key_fields)] = row
+
+    def _in_scope(self, row):
+        return all(row.get(k) == v for k, v in self.scope.items())
+
+    def _check(self, row):
+        """What is wrong with a row of this cache, or None (a row of another scope is left as it is)."""
+        if not isinstance(row, dict):
+            return f"a JSON {type(row).__name__}, not an object"
+        if not self._in_scope(row):
+            return None  # another model's row: kept as it is
+        return self._has_keys(row) or (None if isinstance(row.get("error"), str) else self._is_result(row))
 
     def get(self, key: tuple) -> dict | None:
         return self.rows.get(key)
@@ -274,8 +299,16 @@ class JsonlCache:
             self.rows[key] = row
             if self.path:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+                with disk_errors(self.path), _locked(self.path, "ab") as f:
+                    f.write((json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8"))
+
+
+@contextmanager
+def _locked(path, mode):
+    """The file opened in `mode` with an exclusive flock, released when it is closed (after the last write)."""
+    with open(path, mode) as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield f
 
 
 def sha256(text: str) -> str:
@@ -380,7 +413,7 @@ class HttpReward:
         if isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(tokenizer)
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a Chat's tokenizers.Tokenizer
-        self.cache = JsonlCache(cache_path, ("id", "response_sha256"), {"model": model})
+        self.cache = JsonlCache(cache_path, ("id", "response_sha256"), {"model": model}, {"score": NUMBER})
         self.cache_hits = 0
         self.skipped: dict[tuple, str] = {}  # key -> the endpoint's refusal, this run and cached ones
         self.refusals_before_stop, self._answered, self._refused = refusals_before_stop, 0, 0

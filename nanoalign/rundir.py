@@ -7,7 +7,8 @@
   naming them, and so do results without a record (or, with --overwrite, the earlier results move aside in one
   rename; nothing is ever deleted);
 - checkpoints written file by file under temporary names (renamed into place when whole) with a marker written
-  last, by rank 0 after every rank is done: `--resume auto` trusts only a dir with the marker;
+  last, by rank 0 after every rank is done: `--resume auto` trusts only a dir with the marker; the temporary files
+  a killed run left are removed by the next run that takes the lock;
 - `--keep-checkpoints N`: the newest N complete checkpoints stay, older ones go once a newer one is complete.
 """
 import errno
@@ -30,6 +31,7 @@ from nanoalign.errors import InputError
 LOCK = ".lock"
 SETTINGS = "run_settings.json"
 MARKER = "checkpoint_complete.json"
+TEMP_NAME = re.compile(r"\..+\.tmp(\d+)")  # atomic_path's temporary files: .<name>.tmp<pid>
 _held_locks = {}  # out dir -> open fd: held until this process exits, when the OS releases the flock
 
 
@@ -162,6 +164,7 @@ def lock_out_dir(out, device="cpu"):
                 os.ftruncate(fd, 0)
                 os.write(fd, f"{os.getpid()}\n".encode())
                 _held_locks[out] = fd
+                remove_leftovers(out)
     if _distributed():
         if error:  # said before the collective: once it returns the other ranks exit, and torchrun stops this one
             print(f"error: {error}", file=sys.stderr, flush=True)
@@ -171,6 +174,37 @@ def lock_out_dir(out, device="cpu"):
             raise SystemExit(1)
     if error:
         raise RunDirError(error)
+
+
+def remove_leftovers(out):
+    """Remove the temporary files (atomic_path's .<name>.tmp<pid>, up to a whole checkpoint file) that killed
+    processes left anywhere under `out`. Called once the lock is held and before this run writes anything: no other
+    run writes there, so a file whose process is gone is debris; one of a live process (not this one) stays."""
+    removed, size = 0, 0
+    for path in Path(out).rglob(".*.tmp*"):
+        match = TEMP_NAME.fullmatch(path.name)
+        if match and path.is_file() and not _alive(int(match.group(1))):
+            try:
+                n = path.stat().st_size
+                path.unlink()
+            except OSError:  # gone meanwhile, or not ours to remove: leave it
+                continue
+            removed, size = removed + 1, size + n
+    if removed:
+        print(f"removed {removed} temporary file{'s' * (removed > 1)} ({size:,} bytes) that killed runs left in {out}",
+              flush=True)
+
+
+def _alive(pid):
+    if pid == os.getpid():  # this process has written nothing yet: the file is a killed run's that had our pid
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 # -----------------------------------------------------------------------------

@@ -105,8 +105,7 @@ def fingerprint(source, split, config, chat, settings):
             st = os.stat(name)
             h.update(json.dumps([str(Path(name).resolve()), st.st_size, st.st_mtime_ns]).encode())
     else:
-        from huggingface_hub import HfApi
-        h.update(json.dumps([repo, files, HfApi().dataset_info(repo).sha]).encode())
+        h.update(json.dumps([repo, files, data_module.hub_commit(repo)]).encode())  # offline: the cached one's
     h.update(chat.tokenizer.to_str().encode())
     for module in (chat_module, data_module):
         h.update(Path(module.__file__).read_bytes())

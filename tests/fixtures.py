@@ -187,3 +187,18 @@ def serving(server):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def tmpfs(path, size, readonly=False):
+    """A real tmpfs of `size` (e.g. "64k") mounted at `path` for the test's duration: a disk that fills up, or a
+    read-only one. Skips the test where no tmpfs can be mounted (needs root / CAP_SYS_ADMIN)."""
+    import pytest
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if readonly else "")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)

@@ -107,6 +107,28 @@ def test_parquet_rows(tmp_path, chat):
     assert stats["kept"] == 2 and examples[1]["chosen"] == chat.render_response("7")
 
 
+def test_unreadable_parquet_is_one_line_naming_the_file(tmp_path):
+    """Garbage, a file cut short and a corrupt page: InputError naming the file (pyarrow's ArrowInvalid / OSError
+    came out as a traceback)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"this is not parquet\n" * 20)
+    real = tmp_path / "real.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": f"question {i}" * 10} for i in range(5000)]), real,
+                   row_group_size=1024)
+    data = real.read_bytes()
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(data[:len(data) // 2])
+    corrupt = tmp_path / "corrupt.parquet"  # the second row group's page zeroed: rows 0-1023 read, then the error
+    at = pq.ParquetFile(real).metadata.row_group(1).column(0).data_page_offset
+    corrupt.write_bytes(data[:at] + bytes(200) + data[at + 200:])
+    for path, where in ((garbage, ""), (cut, ""), (corrupt, " after row 1023")):
+        with pytest.raises(InputError, match=rf"^{path}: not a readable parquet file{where} \(") as e:
+            list(read_records(path))
+        assert "\n" not in str(e.value)
+
+
 def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
     f = tmp_path / "train.parquet"
     f.write_bytes(b"PAR1")
@@ -376,6 +398,22 @@ def test_holdout_before_mixing_keeps_eval_out_of_train():
     dup = [{"ids": [i % 5], "mask": [1]} for i in range(20)]  # every content 4 times
     train, evals = split_holdout(dup, 0.1, seed=0)
     assert not {content(ex) for ex in evals} & {content(ex) for ex in train}
+
+
+def test_sft_holdout_keeps_every_copy_of_a_conversation_on_one_side(tmp_path, chat):
+    """train_sft.py's split of a tokenised set (numpy views, keyed by a digest of their bytes): with every
+    conversation twice, no held-out conversation is also trained on (by row index, as before: 10 of 10 were)."""
+    from nanoalign.data import content_key
+    from nanoalign.tokenized import build_sft
+    rows = [{"messages": [user(f"What is the largest number among {i}, {i + 1}?"), assistant(str(i + 1))]}
+            for i in range(50)]
+    dataset = build_sft(read_records(write_jsonl(tmp_path / "sft.jsonl", rows + rows)), chat, 128, "drop",
+                        progress=False)
+    train, evals = split_holdout(list(range(100)), 0.1, seed=0, key=lambda i: content_key(dataset[i]))
+    ids = lambda i: dataset[i]["ids"].tobytes()  # noqa: E731
+    assert len(evals) == 10 and not {ids(i) for i in evals} & {ids(i) for i in train}
+    held = {i % 50 for i in evals}  # conversation i is rows i and 50 + i
+    assert sorted(train) == [i for i in range(100) if i % 50 not in held]  # both copies, or neither, in train
 
 
 @pytest.mark.parametrize("n,world", [(10, 3), (12, 4), (7, 1), (5, 5), (1, 2), (61, 3)])

@@ -299,12 +299,15 @@ def test_rewrite_replaces_the_file_atomically(tmp_path, monkeypatch):
     assert path.read_bytes() == lines([{"i": 0}, {"i": 2}])
 
 
-def test_read_jsonl_error_names_file_and_line(tmp_path):
+def test_read_jsonl_error_names_file_and_line(tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"i": 0}\n\n{"i": 2,}\n{"i": 3}\n')  # line 2 blank (skipped), line 3 malformed
     with pytest.raises(ValueError, match=rf"{path}:3: malformed JSON"):
         read_jsonl(path)
-    with pytest.raises(ValueError, match=rf"{path}:3: malformed JSON"):
-        ResumableJsonl(path)  # a malformed line that is not the last is an error, not silently dropped
+    # a resumable file drops a malformed line that is not the last, from the file too, and says so in one line
+    assert ResumableJsonl(path).rows == [{"i": 0}, {"i": 3}]
+    assert capsys.readouterr().out == (f"{path}:3: not JSON (Expecting property name enclosed in double quotes, "
+                                       f"column 9): dropped 1 damaged row (line 3)\n")
+    assert path.read_bytes() == b'{"i": 0}\n{"i": 3}\n'  # whole lines kept as they were
     path.write_text('{"i": 0}\n\n{"i": 2}\n')
     assert read_jsonl(path) == [{"i": 0}, {"i": 2}]

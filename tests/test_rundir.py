@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -25,10 +24,10 @@ from nanoalign import toy
 from nanoalign.chat import load_chat
 from nanoalign.data import prompt_records, read_records
 from nanoalign.model import CausalLM, ModelConfig, load_config, load_model, save_model
-from nanoalign.rundir import MARKER, latest_checkpoint
+from nanoalign.rundir import MARKER, latest_checkpoint, lock_out_dir
 from nanoalign.train import Number, Weights, nonneg_int, positive_float, positive_int, probability
 from tests.fixtures import (ROOT, cached_toy_setup, json_server, max_weight_diff, read_metrics, read_weights,
-                            run_script)
+                            run_script, tmpfs)
 
 FP32 = ("--device", "cpu", "--precision", "fp32")
 SFT = ("--lr", 1e-2, "--batch-size", 4, "--eval-frac", 0, "--no-pack")  # batches of conversations
@@ -195,20 +194,35 @@ def test_a_second_run_on_a_locked_out_dir_fails_at_once(toy_setup, tmp_path):
     assert (out / ".lock").read_text().strip() == str(holder.pid)
 
 
+def test_the_next_run_removes_the_temporary_files_killed_runs_left(tmp_path, capsys):
+    """A kill mid-write leaves atomic_path's .<name>.tmp<pid> (up to a whole checkpoint file, in final/ and ckpt-*/
+    too) that nothing removed. The next run into the dir, once it holds the lock, removes those of dead processes
+    anywhere under --out (a dead pid that is now this process's too: it has written nothing yet), never a live
+    process's, nor files of other names."""
+    dead = subprocess.Popen(["sleep", "60"])
+    dead.kill()
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    out = tmp_path / "out"
+    debris = [out / f".model.safetensors.tmp{dead.pid}", out / "final" / f".adapter_model.safetensors.tmp{dead.pid}",
+              out / "ckpt-4" / f".train_state_rank0.pt.tmp{dead.pid}",
+              out / "replaced-20250101-000000" / f".run_settings.json.tmp{os.getpid()}"]
+    others = [out / "ckpt-4" / f".train_state_rank1.pt.tmp{live.pid}", out / "ckpt-4" / "model.safetensors",
+              out / f"notes.tmp{dead.pid}", out / f".notes.tmp{dead.pid}x"]
+    for i, path in enumerate(debris + others):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * (1000 + i))
+    try:
+        lock_out_dir(out)
+    finally:
+        live.kill()
+        live.wait()
+    assert capsys.readouterr().out == f"removed 4 temporary files (4,006 bytes) that killed runs left in {out}\n"
+    assert not any(p.exists() for p in debris) and all(p.exists() for p in others)
+
+
 # -----------------------------------------------------------------------------
 # A full disk and a read-only --out, on a real tmpfs
-
-@contextmanager
-def tmpfs(path, size, readonly=False):
-    path.mkdir(parents=True, exist_ok=True)
-    opts = f"size={size}" + (",ro" if readonly else "")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
 
 def test_full_disk_is_one_line_and_keeps_the_finished_checkpoint(toy_setup, tmp_path):
     """A tmpfs with room for one checkpoint: ckpt-2 runs out of space; the run stops with one line naming the dir,

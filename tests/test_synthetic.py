@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import statistics
+import subprocess
 import threading
 from types import SimpleNamespace
 
@@ -269,6 +270,39 @@ def test_a_rerun_with_other_settings(setup, toy_run, tmp_path):
     assert Counter(r["prompt_id"] for r in read_rows(out / "samples.jsonl")) == {pid: 2 for pid in prompt_ids}
 
 
+def test_a_rerun_with_fewer_prompts_on_a_hurt_out_dir(setup, toy_run, tmp_path):
+    """A rerun with a smaller --max-prompts builds pairs.jsonl and summary.json from its own prompts (they held every
+    prompt's pairs found on disk) and keeps the other samples for a later, larger run. The dir is hurt too: the last
+    row torn inside a UTF-8 character (it stopped the rerun with UnicodeDecodeError), a row of valid JSON without its
+    score (dropped with one line: its prompt is not done any more), and a killed write's temporary file (removed)."""
+    out = tmp_path / "fewer"
+    shutil.copytree(toy_run, out)
+    rows = read_rows(out / "samples.jsonl")
+    line = 6 * N + 2  # sample 1 of the 7th prompt, past --max-prompts 1 (the 2nd prompt has toy_run's only pair)
+    damaged = {k: v for k, v in rows[line - 1].items() if k != "score"}
+    write_jsonl(out / "samples.jsonl", rows[:line - 1] + [damaged] + rows[line:])
+    with open(out / "samples.jsonl", "ab") as f:
+        f.write('{"prompt_id": "x", "response": "é'.encode()[:-1])
+    dead = subprocess.Popen(["sleep", "60"])
+    dead.kill()
+    dead.wait()
+    (out / f".pairs.jsonl.tmp{dead.pid}").write_bytes(b"half a file")
+    proc = gen(setup, out, *TOY_ARGS, "--max-prompts", 1)
+    assert proc.stdout.splitlines()[:3] == [
+        f"removed 1 temporary file (11 bytes) that killed runs left in {out}",
+        f"{out / 'samples.jsonl'}:{line}: no field 'score': dropped 1 damaged row (line {line}); their work is redone",
+        "1 prompts: 1 done before, 0 to sample"]
+    first = {pid for pid, _ in prompt_records(read_records(setup["prompts"]))[:1]}
+    pairs = [p for p in read_rows(toy_run / "pairs.jsonl") if p["prompt_id"] in first]
+    assert read_rows(out / "pairs.jsonl") == pairs and len(pairs) < len(read_rows(toy_run / "pairs.jsonl"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["prompts"], summary["samples"], summary["pairs"]) == (1, N, len(pairs))
+    by_key = lambda r: (r["prompt_id"], r["sample"])  # noqa: E731
+    kept = sorted(read_rows(out / "samples.jsonl"), key=by_key)
+    assert kept == sorted(rows[:line - 1] + rows[line:], key=by_key)  # every row kept but the damaged one
+    assert not list(out.glob(".*.tmp*"))
+
+
 def test_two_ranks_resume_a_one_process_run_with_the_same_files(setup, toy_run, tmp_path):
     """torchrun, 2 gloo ranks and another --batch-size, resuming a 1-process run killed mid-prompt: each rank
     samples its share into its own part, rank 0 merges, and every file is byte for byte the uninterrupted run's."""
@@ -484,6 +518,15 @@ def test_eval_model_vs_model_and_rerun(setup, tmp_path):
     judged, verdict = (out / "per_prompt.jsonl").read_bytes(), (out / "summary.json").read_bytes()
     proc = evaluate(setup, out, "--model-b", setup["seven"], "--name-b", "sevens")
     assert "8 prompts: 8 judged before, 0 to go" in proc.stdout
+    assert (out / "per_prompt.jsonl").read_bytes() == judged and (out / "summary.json").read_bytes() == verdict
+    # a row of valid JSON without a verdict (another schema, or damaged): named, judged again, the same files (it
+    # counted as judged, then stopped the summary with a KeyError)
+    damaged = {k: v for k, v in rows[2].items() if k != "winner"}
+    write_jsonl(out / "per_prompt.jsonl", rows[:2] + [damaged] + rows[3:])
+    proc = evaluate(setup, out, "--model-b", setup["seven"], "--name-b", "sevens")
+    assert "8 prompts: 7 judged before, 1 to go" in proc.stdout
+    assert (f"{out / 'per_prompt.jsonl'}:3: no field 'winner': dropped 1 damaged row (line 3); their work is "
+            f"redone") in proc.stdout.splitlines()
     assert (out / "per_prompt.jsonl").read_bytes() == judged and (out / "summary.json").read_bytes() == verdict
     # another model B into the same --out: its verdicts would be the old model's; it stops, naming the flag
     proc = evaluate(setup, out, "--model-b", setup["policy"], "--name-b", "sevens", check=False)

@@ -67,6 +67,8 @@ def test_ddp_and_accumulation_match_one_big_batch(toy_setup, varied_sft, tmp_pat
             assert r["grad_norm"] == pytest.approx(r_ref["grad_norm"], rel=1e-4), (name, r["step"])
         assert rows[-1]["eval_loss"] == pytest.approx(ref[-1]["eval_loss"], abs=1e-5), name
 
+    for i in range(len(splits)):  # the model card counts every held-out row (not rank 0's 3 x 2 ranks)
+        assert "| `(held out for eval loss)` | 5 |" in (tmp_path / str(i) / "final" / "README.md").read_text()
     base = read_weights(toy_setup.model)
     weights = {name: read_weights(tmp_path / str(i) / "final") for i, name in enumerate(splits)}
     assert max_weight_diff(weights["1x4"], base) > 1e-3  # the parameters moved visibly (Adam: ~lr a step)
