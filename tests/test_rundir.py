@@ -181,7 +181,8 @@ def test_a_second_run_on_a_locked_out_dir_fails_at_once(toy_setup, tmp_path):
             proc = run_script("train_sft.py", "--model", toy_setup.model, "--data", toy_setup.sft, "--out", out,
                               *FP32, *SFT, "--max-steps", 2, nproc=nproc, check=False, timeout=120)
             assert proc.returncode != 0 and (nproc > 1 or "Traceback" not in proc.stderr), proc.stderr
-            assert expected in proc.stderr.splitlines(), proc.stderr[-2000:]  # (then torchrun's own report)
+            # torch prefixes what a rank's excepthook prints with "[rank<r>]: "; then torchrun's own report
+            assert (f"[rank0]: {expected}" if nproc > 1 else expected) in proc.stderr.splitlines(), proc.stderr[-2000:]
             assert time.time() - t0 < 60
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
     finally:
