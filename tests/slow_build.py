@@ -4,7 +4,7 @@ in for NCCL's 10 minutes). Only the builder sleeps; everything else is the real 
 that timeout too where the script passes none (as it did before it read $NANOALIGN_DIST_TIMEOUT: a timeout then
 meant torch's default), and the timeout it got is printed.
 
-    SLOW_BUILD_S=5 NANOALIGN_DIST_TIMEOUT=3 torchrun --nproc_per_node=2 tests/slow_build.py <train_sft.py arguments>
+    SLOW_BUILD_S=4 NANOALIGN_DIST_TIMEOUT=3 torchrun --nproc_per_node=2 tests/slow_build.py <train_sft.py arguments>
 """
 import os
 import runpy

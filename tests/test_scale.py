@@ -34,7 +34,7 @@ pytestmark = pytest.mark.scale
 
 FP32 = ("--device", "cpu", "--precision", "fp32")
 TIMEOUT = "3"  # seconds: the process-group timeout of the multi-rank runs below; the slow build sleeps past it
-SLOW_BUILD = "5"
+SLOW_BUILD = "4"
 # SFT on the 64 toy conversations, 7 held out: one process x batch 6, two DDP ranks x 3 (eval shares 4 + 3: 2 and 1
 # batches), three FSDP ranks x 2 (eval shares 3 + 2 + 2: 2, 1 and 1 batches); the global batch is 6 in each
 SFT = (*FP32, "--max-steps", 3, "--lr", 1e-3, "--eval-frac", 0.109, "--eval-every", 1, "--save-every", 2, "--no-pack")
@@ -78,7 +78,7 @@ def resumable_copy(run, out, ckpt):
 def test_ddp_resumes_on_two_ranks_after_a_build_longer_than_the_timeout(toy, one, tmp_path, monkeypatch):
     """One process ran 2 steps of batch 6; two ranks x batch 3 resume it (`--resume auto`, the same global batch)
     and end with the uninterrupted run's weights and its step-3 loss and eval loss (7 held-out conversations, 4 + 3
-    over the ranks). First the token cache is built (in a new cache dir) for 5 s while rank 1 waits, with a 3 s
+    over the ranks). First the token cache is built (in a new cache dir) for 4 s while rank 1 waits, with a 3 s
     process-group timeout: it used to die in dist.barrier() ("Timed out"), and the resume used to stop with
     `train_state_rank1.pt not found`."""
     monkeypatch.setenv("NANOALIGN_DIST_TIMEOUT", TIMEOUT)
@@ -100,7 +100,7 @@ def test_ddp_resumes_on_two_ranks_after_a_build_longer_than_the_timeout(toy, one
 
 
 def test_builder_error_reaches_the_user_as_its_one_line(toy, tmp_path, monkeypatch):
-    """The builder (local rank 0) reads a bad row after 5 s of building; rank 1, waiting past the 3 s timeout, does
+    """The builder (local rank 0) reads a bad row after 4 s of building; rank 1, waiting past the 3 s timeout, does
     not die of it first: the job ends with the builder's one line naming the file and line, no traceback of ours."""
     monkeypatch.setenv("NANOALIGN_DIST_TIMEOUT", TIMEOUT)
     monkeypatch.setenv("SLOW_BUILD_S", SLOW_BUILD)
