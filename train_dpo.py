@@ -102,8 +102,8 @@ parser.add_argument("--pack", action="store_true",
 parser.add_argument("--chunk-size", type=positive_int, default=1024, help="rows per chunk of the lm_head + log-probs")
 parser.add_argument("--eval-every", type=nonneg_int, default=100)
 parser.add_argument("--save-every", type=nonneg_int, default=500)
-add_flags(parser, "Each holds only the new adapter and its two fp32 AdamW moments per rank: 12 bytes an adapter "
-                  "parameter (Qwen2.5-0.5B at r 8: 53 MB; 7B: 0.24 GB)")
+add_flags(parser, "Each holds only the new adapter and its two fp32 AdamW moments, saved once whatever the number "
+                  "of ranks: 12 bytes an adapter parameter (Qwen2.5-0.5B at r 8: 53 MB; 7B: 0.24 GB)")
 parser.add_argument("--merge", action="store_true", help="also write <out>/merged, an HF model dir with adapters folded in")
 parser.add_argument("--report-to", choices=REPORT_TO, default="none",
                     help="also send metrics to TensorBoard (<out>/tensorboard) or W&B; metrics.jsonl is always written")
@@ -140,6 +140,7 @@ check_settings(out, settings_from(
     **{"global batch (--batch-size x --grad-accum x ranks)": args.batch_size * args.grad_accum * d.world}),
     args.overwrite, keep=["ref_logps.pt"], resume=args.resume)  # ref_logps.pt: reused while its fingerprint holds
 tracker = open_tracker(args.report_to, args.out, vars(args), d.is_main)
+resume_dir = resolve_resume(args.resume, out)  # checked now, before any work
 model_dir = resolve_model_dir(args.model)
 tokenizer_dir = resolve_model_dir(args.tokenizer) if args.tokenizer else model_dir
 chat = load_chat(tokenizer_dir)  # the default system prompt is the one of the dir's own chat template
@@ -166,7 +167,6 @@ total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
 print0(f"{len(train_set)} train / {len(eval_pairs)} eval pairs; {total_steps} steps")
 
 # policy: base + frozen earlier adapters + the new trainable one
-resume_dir = resolve_resume(args.resume, out)
 # the base is frozen, so it needs no fp32 master copy: in bf16 it takes half the memory and autocast stops re-casting
 # every weight on every forward
 base_dtype = DTYPES["bf16" if args.base_dtype == "auto" and args.precision == "bf16" else
@@ -251,7 +251,7 @@ def precompute_reference(examples, path, save_every_s=600):
                        precision=args.precision, base_dtype=str(base_dtype), weights=[weights_stamp(p) for p in
                                                           [model_dir, *args.adapter, *([args.ref] if args.ref else [])]])
     logps = {}
-    cached = torch_load_or_none(path)  # None when missing, or torn by a kill or a full disk: recomputed
+    cached = torch_load_or_none(path, keys=("fingerprint", "logps"))  # None when missing, torn or damaged: recomputed
     if cached is not None and cached["fingerprint"] == fingerprint:
         logps = cached["logps"]
     elif cached is not None:

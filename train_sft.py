@@ -13,6 +13,7 @@ Writes <out>/metrics.jsonl, <out>/ckpt-<step>/ (HF model dir + train state to --
 time per --out (<out>/.lock); <out>/run_settings.json records the settings a rerun or --resume must share.
 """
 import argparse
+import itertools
 import os
 import time
 from pathlib import Path
@@ -84,9 +85,9 @@ parser.add_argument("--lora-dropout", type=fraction, default=0.05, help="dropout
 parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
 parser.add_argument("--eval-every", type=nonneg_int, default=100, help="steps between eval losses (0 = only at the end)")
 parser.add_argument("--save-every", type=nonneg_int, default=500, help="steps between checkpoints (0 = only final)")
-add_flags(parser, "Each costs the fp32 weights plus AdamW's two fp32 moments per rank: 12 bytes a parameter on "
-                  "one GPU (Qwen2.5-0.5B 5.9 GB, 7B 91 GB); with --lora only the adapter and its moments (0.5B at "
-                  "r 16: 0.1 GB)")
+add_flags(parser, "Each costs the fp32 weights plus AdamW's two fp32 moments, saved once whatever the number of "
+                  "ranks: 12 bytes a parameter (Qwen2.5-0.5B 5.9 GB, 7B 91 GB); with --lora only the adapter and "
+                  "its moments (0.5B at r 16: 0.1 GB)")
 parser.add_argument("--report-to", choices=REPORT_TO, default="none",
                     help="also send metrics to TensorBoard (<out>/tensorboard) or W&B; metrics.jsonl is always written")
 parser.add_argument("--seed", type=random_seed, default=0, help="an integer in [0, 2^63 - 1]")
@@ -123,15 +124,15 @@ check_settings(out, settings_from(
     **{"global batch (--batch-size x --grad-accum x ranks)": args.batch_size * args.grad_accum * d.world}),
     args.overwrite, resume=args.resume)
 tracker = open_tracker(args.report_to, args.out, vars(args), d.is_main)
+resume_dir = resolve_resume(args.resume, out, sharded=args.fsdp)  # checked now, before any work
 model_dir = resolve_model_dir(args.model)
 tokenizer_dir = resolve_model_dir(args.tokenizer) if args.tokenizer else model_dir
 chat = load_chat(tokenizer_dir)  # the default system prompt is the one of the dir's own chat template
 
-# data: rendered with the assistant mask once (local rank 0; cached, the others load it), an eval split held out
-# and sharded over ranks
+# data: rendered with the assistant mask once (local rank 0; cached, the others wait for it and load it), an eval
+# split held out and sharded over ranks
 dataset = sft_dataset(args.data, args.data_split, args.data_config, chat, args.max_len, args.truncation,
-                      args.data_cache or None, is_builder=d.local_rank == 0,
-                      barrier=torch.distributed.barrier if d.world > 1 else None)
+                      args.data_cache or None, is_builder=d.local_rank == 0)
 print0(f"data: {dataset.stats}")
 # held out by content: every copy of a conversation (same token ids and mask) goes to the same side
 train_idx, eval_idx = split_holdout(list(range(len(dataset))), args.eval_frac, args.seed,
@@ -151,7 +152,6 @@ print0(f"{len(train_set)} train / {len(eval_idx)} eval conversations"
        + (f" in {len(units)} packed rows" if args.pack else "") + f"; {total_steps} steps")
 
 # model (fp32 master weights; autocast does the matmuls in bf16/fp16)
-resume_dir = resolve_resume(args.resume, out)
 model = load_model(resume_dir if resume_dir and not args.lora else model_dir, device=d.device)
 check_vocab(chat.vocab_size, model.config, args.tokenizer or args.model, args.model)
 if args.lora:
@@ -171,7 +171,7 @@ optimizer = make_optimizer(model, args.lr, args.weight_decay)
 scaler = make_scaler(d.device, args.precision)
 step = 0
 if resume_dir:
-    step = load_train_state(resume_dir, optimizer, scaler)["step"]
+    step = load_train_state(resume_dir, optimizer, scaler, sharded=args.fsdp)["step"]
     print0(f"resumed from {resume_dir} at step {step}")
 compiled = torch.compile(model) if args.compile else model
 ddp_model = compiled if args.fsdp else wrap_ddp(compiled, d)
@@ -197,10 +197,19 @@ def step_micro_batches(start_step):
 
 @torch.no_grad()
 def evaluate():
-    """Mean loss over every assistant token of the eval split: per-rank sums (a rank may have none) all-reduced."""
+    """Mean loss over every assistant token of the eval split: per-rank sums (a rank may have none) all-reduced.
+    Under FSDP each forward is a collective: a rank with fewer batches (uneven shares) runs forwards of a padding
+    row, nothing trained, until it has run as many as the rank with the most."""
     model.eval()
     nll, count = 0.0, 0
-    for ids, mask in sft_batches(eval_set, args.batch_size, chat.pad_id):
+    batches = sft_batches(eval_set, args.batch_size, chat.pad_id)
+    if args.fsdp:
+        mine = -(-len(eval_set) // args.batch_size)  # the number of batches sft_batches yields
+        most = torch.tensor(mine, device=d.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        padding = (torch.full((1, 2), chat.pad_id), torch.zeros(1, 2, dtype=torch.long))
+        batches = itertools.chain(batches, [padding] * (int(most) - mine))
+    for ids, mask in batches:
         ids, mask = ids.to(d.device), mask.to(d.device)
         with autocast(d.device, args.precision):
             hidden = model(ids, return_hidden=True)
@@ -227,7 +236,7 @@ def save(name, final=False):
                                  data=[(args.data, len(train_set)), ("(held out for eval loss)", len(eval_idx))],
                                  metrics=final_metrics, world=d.world, steps=step, adapter=args.lora, tags=["sft"])
         if not final:
-            save_train_state(ckpt, optimizer, scaler, step, args=vars(args))
+            save_train_state(ckpt, optimizer, scaler, step, sharded=args.fsdp, args=vars(args))
     print0(f"saved {ckpt}")
 
 

@@ -19,7 +19,6 @@ import re
 import shutil
 import sys
 import time
-import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,9 +46,28 @@ def _distributed():
     return dist.is_available() and dist.is_initialized()
 
 
-def barrier():
-    if _distributed():
-        dist.barrier()
+@contextmanager
+def together(device=None):
+    """Every rank runs the body (setup before training, a checkpoint); if it raises on any rank, every rank stops:
+    the ranks that raised say why (one line, or a bug's traceback: whatever sys.excepthook prints, see
+    train.one_line_errors), the others exit quietly, rather than wait in their next collective for a rank that is
+    gone (a gloo traceback, or NCCL's timeout). Ends in one all-reduce, so it is also a barrier. On one process a
+    plain pass-through. Usable as a decorator too."""
+    if not _distributed():
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:
+        sys.excepthook(type(e), e, e.__traceback__)  # said before the collective: once it returns torchrun may stop us
+        error = e
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    failed = torch.tensor(float(error is not None), device=device)
+    dist.all_reduce(failed)
+    if failed.item():
+        raise SystemExit(1)
 
 
 # -----------------------------------------------------------------------------
@@ -113,15 +131,20 @@ def torch_save(obj, path):
         torch.save(obj, f)
 
 
-def torch_load_or_none(path):
-    """torch.load of a cache file, or None when it is missing or unreadable (cut off by a kill, a full disk)."""
+def torch_load_or_none(path, keys=()):
+    """torch.load of a cache file, or None when it is missing or unreadable (cut off by a kill, a full disk), or
+    holds something else than a dict with `keys` (damaged or replaced)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         return None
     except Exception as e:  # EOFError, PytorchStreamReader errors, UnpicklingError: all mean a torn file
         print(f"{path} is unreadable ({type(e).__name__}): recomputing it", flush=True)
         return None
+    if keys and not (isinstance(obj, dict) and set(keys) <= obj.keys()):
+        print(f"{path} holds something else than expected: recomputing it", flush=True)
+        return None
+    return obj
 
 
 def add_flags(parser, checkpoint_cost=None):
@@ -145,35 +168,28 @@ def lock_out_dir(out, device="cpu"):
     holds it (naming its pid) or `out` cannot be written. Under torchrun rank 0 takes the lock and every rank learns
     the outcome in one all-reduce, so no rank of a second job starts work in a dir that is in use."""
     out = Path(out)
-    error = None
-    if _rank() == 0 and out not in _held_locks:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            error = f"--out {out}: cannot write there ({e.strerror})"
-        else:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                error = (f"{out} is in use by another run (pid {holder}); wait for it to finish, or choose "
-                         f"another --out")
-            else:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
-                _held_locks[out] = fd
-                remove_leftovers(out)
-    if _distributed():
-        if error:  # said before the collective: once it returns the other ranks exit, and torchrun stops this one
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        failed = torch.tensor(float(error is not None), device=device)
-        dist.all_reduce(failed)
-        if failed.item():
-            raise SystemExit(1)
-    if error:
-        raise RunDirError(error)
+    with together(device):
+        if _rank() == 0 and out not in _held_locks:
+            _lock(out)
+
+
+def _lock(out):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunDirError(f"--out {out}: cannot write there ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirError(f"{out} is in use by another run (pid {holder}); wait for it to finish, or choose "
+                          f"another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held_locks[out] = fd
+    remove_leftovers(out)
 
 
 def remove_leftovers(out):
@@ -360,24 +376,9 @@ def check_settings(out, settings: dict, overwrite=False, keep=(), resume=None):
     before any writes into `out`. Call after lock_out_dir.
     """
     out = Path(out)
-    error = None
-    if _rank() == 0:
-        try:
+    with together():
+        if _rank() == 0:
             _check_and_record(out, settings, overwrite, keep, resume)
-        except Exception as e:
-            error = e
-    if _distributed():
-        if error is not None:  # said before the collective: once it returns the others exit and torchrun stops this one
-            if isinstance(error, RunDirError):
-                print(f"error: {error}", file=sys.stderr, flush=True)
-            else:
-                traceback.print_exception(error)
-        failed = [error is not None]
-        dist.broadcast_object_list(failed, src=0)
-        if failed[0]:
-            raise SystemExit(1)
-    if error is not None:
-        raise error
     _records[out.resolve()] = settings
 
 
@@ -391,6 +392,12 @@ def _step(ckpt: Path) -> int:
 
 def is_complete(ckpt) -> bool:
     return (Path(ckpt) / MARKER).is_file()
+
+
+def checkpoint_world_size(ckpt) -> int | None:
+    """The number of ranks that saved a complete checkpoint (its marker says), or None if the marker is unreadable."""
+    size = (_read_json(Path(ckpt) / MARKER) or {}).get("world_size")
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def checkpoints(out_dir) -> list[Path]:
@@ -426,12 +433,12 @@ def checkpoint(ckpt, keep=0, final=False):
     with the settings check_settings recorded for the run (so a --resume from another --out is checked too);
     then older checkpoints beyond `keep` are removed. `final` dirs get no marker and are never pruned."""
     ckpt = Path(ckpt)
-    if _rank() == 0:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        (ckpt / MARKER).unlink(missing_ok=True)
-    barrier()
-    yield ckpt
-    barrier()
+    with together():
+        if _rank() == 0:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            (ckpt / MARKER).unlink(missing_ok=True)
+    with together():  # a full disk on any rank: every rank stops, the one that hit it says so
+        yield ckpt
     if _rank() == 0 and not final:
         write_text(ckpt / MARKER, json.dumps({"step": _step(ckpt), "world_size": int(os.environ.get("WORLD_SIZE", 1)),
                                               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -9,6 +9,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ from tqdm import tqdm
 
 from nanoalign.errors import InputError
 from nanoalign.jsonl import ResumableJsonl
-from nanoalign.rundir import MARKER, disk_errors, is_complete, latest_checkpoint, torch_save
+from nanoalign.rundir import (MARKER, checkpoint_world_size, disk_errors, is_complete, latest_checkpoint, together,
+                              torch_save)
 
 
 # -----------------------------------------------------------------------------
@@ -38,7 +40,11 @@ class Dist:
 
 
 def setup_distributed(device_name=None) -> Dist:
-    """Read torchrun's env (RANK, LOCAL_RANK, WORLD_SIZE); NCCL on GPUs, gloo on CPU. Plain `python` = 1 process."""
+    """Read torchrun's env (RANK, LOCAL_RANK, WORLD_SIZE); NCCL on GPUs, gloo on CPU. Plain `python` = 1 process.
+
+    A rank waits in a collective at most $NANOALIGN_DIST_TIMEOUT seconds (default 1800; torch's NCCL default is
+    600) for the others, then fails. Work one rank does alone while the others wait in a collective must fit it:
+    what can take longer (building the token cache) is waited for through the file system instead."""
     cuda = torch.cuda.is_available() if device_name is None else device_name.startswith("cuda")
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
                                (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
@@ -46,8 +52,16 @@ def setup_distributed(device_name=None) -> Dist:
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=dist_timeout())
     return Dist(rank, local_rank, world, device)
+
+
+def dist_timeout():
+    text = os.environ.get("NANOALIGN_DIST_TIMEOUT", "1800")
+    seconds = timeout_seconds.parse(text)
+    if seconds is None:
+        raise InputError(f"NANOALIGN_DIST_TIMEOUT must be {timeout_seconds.want} (seconds), got {text!r}")
+    return timedelta(seconds=seconds)
 
 
 def one_line_errors(*extra_types):
@@ -426,44 +440,115 @@ def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_train_state(ckpt_dir, optimizer, scaler, step, **extra):
-    """Everything but the weights: optimizer moments, scaler, step, RNG (per rank) and any `extra` (e.g. args).
-    Written under a temporary name and renamed when whole (rundir.torch_save)."""
+TRAIN_STATE = "train_state.pt"
+
+
+def save_train_state(ckpt_dir, optimizer, scaler, step, sharded=False, **extra):
+    """Everything but the weights: optimizer moments, scaler, step, RNG and any `extra` (e.g. args), written under a
+    temporary name and renamed when whole (rundir.torch_save). Every rank calls it.
+
+    Under DDP (and on one process) the optimizer state is the same on every rank, so rank 0 writes it once, to
+    train_state.pt, with every rank's RNG state: any number of ranks can resume it. sharded=True (FSDP: each rank
+    holds its own part of the optimizer state): each rank writes its part to train_state_rank<r>.pt, and only as
+    many ranks can resume it."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", 0))
-    torch_save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "rng": rng_state(), **extra}, ckpt_dir / f"train_state_rank{rank}.pt")
+    if sharded:
+        torch_save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                    "rng": rng_state(), **extra}, ckpt_dir / f"train_state_rank{rank}.pt")
+        return
+    rngs = [rng_state()]
+    if dist.is_available() and dist.is_initialized():
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng_state())
+    if rank == 0:
+        torch_save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                    "rng": rngs, **extra}, ckpt_dir / TRAIN_STATE)
 
 
-def load_train_state(ckpt_dir, optimizer, scaler):
-    path = Path(ckpt_dir) / f"train_state_rank{int(os.environ.get('RANK', 0))}.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"cannot resume: {path} not found (was the run saved with fewer ranks?)")
+def load_train_state(ckpt_dir, optimizer, scaler, sharded=False):
+    """Restore what save_train_state wrote, on any number of ranks (sharded: as many as saved it; resolve_resume
+    checks that first). Rank r takes rank r's RNG state where it was saved. Checkpoints of earlier versions
+    (train_state_rank<r>.pt under DDP) resume too: rank 0's optimizer state serves a rank that has no file. Every
+    rank calls it; a damaged file on any rank stops every rank, with one line naming it."""
+    with together():
+        return _load_train_state(Path(ckpt_dir), optimizer, scaler, sharded)
+
+
+def _load_train_state(ckpt, optimizer, scaler, sharded):
+    rank = int(os.environ.get("RANK", 0))
+    whole, own = ckpt / TRAIN_STATE, ckpt / f"train_state_rank{rank}.pt"
+    if whole.exists() and not sharded:
+        state = _read_train_state(whole)
+        rng = state["rng"][rank] if rank < len(state["rng"]) else None  # a rank the saving run lacked keeps its seed
+    else:  # FSDP's parts, or an earlier version's DDP layout saved by as many ranks (own) or fewer (rank 0's)
+        path = own if own.exists() or sharded else ckpt / "train_state_rank0.pt"
+        state = _read_train_state(path)
+        rng = state["rng"] if path == own else None
+        if bool(state.get("args", {}).get("fsdp")) != sharded:
+            was = "with" if not sharded else "without"
+            raise InputError(f"cannot resume {ckpt}: it was saved {was} --fsdp; resume it {was} --fsdp")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # only reachable for a file damaged after it was written: ours are renamed in whole
-        raise InputError(f"cannot resume: {path} is unreadable ({type(e).__name__}); resume from an earlier "
-                         f"checkpoint") from None
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise InputError(f"cannot resume {ckpt}: it holds the optimizer state of another model or setup "
+                         f"({type(e).__name__}: {str(e)[:200]}); resume from a checkpoint of this run") from None
+    if rng is not None:
+        set_rng_state(rng)
     return state
 
 
-def resolve_resume(resume, out_dir):
-    """`--resume auto` picks the newest complete checkpoint in out_dir (or starts fresh); a path must be complete."""
+def _read_train_state(path):
+    if not path.exists():
+        raise FileNotFoundError(f"cannot resume: {path} not found")
+    try:
+        # mmap: the ranks that read the same file share its pages instead of each holding a copy in memory
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # only reachable for a file damaged after it was written: ours are renamed in whole
+        raise InputError(f"cannot resume: {path} is unreadable ({type(e).__name__}); resume from an earlier "
+                         f"checkpoint") from None
+    if not (isinstance(state, dict) and {"optimizer", "scaler", "step", "rng"} <= state.keys()
+            and isinstance(state["step"], int) and isinstance(state["optimizer"], dict)):
+        raise InputError(f"cannot resume: {path} is not a train state (damaged or replaced); resume from an "
+                         f"earlier checkpoint")
+    return state
+
+
+def resolve_resume(resume, out_dir, sharded=False):
+    """`--resume auto` picks the newest complete checkpoint in out_dir (or starts fresh); a path must be complete.
+    Either way it is checked, before any work, that this run can resume it: a train state is there and, sharded
+    (--fsdp), was saved by as many ranks as this run has."""
     if not resume:
         return None
     if resume == "auto":
-        return latest_checkpoint(out_dir)
-    if not Path(resume).is_dir():
+        ckpt = latest_checkpoint(out_dir)
+    elif not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint dir")
-    if not is_complete(resume):
+    elif not is_complete(resume):
         raise InputError(f"--resume {resume}: incomplete checkpoint (no {MARKER}: cut off while being written); "
                          f"pick an earlier one or --resume auto")
-    return Path(resume)
+    else:
+        ckpt = Path(resume)
+    if ckpt is not None:
+        _check_resumable(ckpt, sharded)
+    return ckpt
+
+
+def _check_resumable(ckpt, sharded):
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    parts = len(list(ckpt.glob("train_state_rank*.pt")))
+    if sharded and (ckpt / TRAIN_STATE).exists():
+        raise InputError(f"cannot resume {ckpt} with --fsdp: it was saved without --fsdp; resume it without --fsdp")
+    if not parts and not (ckpt / TRAIN_STATE).exists():
+        raise InputError(f"cannot resume {ckpt}: no train state in it ({TRAIN_STATE}); resume from another "
+                         f"checkpoint")
+    saved = checkpoint_world_size(ckpt) or parts
+    if sharded and saved != world:
+        raise InputError(f"cannot resume {ckpt} on {world} ranks: --fsdp saved its optimizer state in {saved} "
+                         f"shards, one a rank; resume it on {saved} (torchrun --nproc_per_node={saved})")

@@ -137,7 +137,7 @@ def test_resume_is_exact(toy_setup, tmp_path):
     """Packed rows (the default; ~2 toy conversations a row of 128 tokens) resume exactly too."""
     args = ("--max-steps", 6, "--lr", 1e-2, "--batch-size", 4, "--eval-frac", 0, "--save-every", 3, "--max-len", 128)
     full = train(toy_setup, toy_setup.sft, tmp_path / "full", *args)
-    assert (tmp_path / "full" / "ckpt-3" / "train_state_rank0.pt").exists()
+    assert [p.name for p in (tmp_path / "full" / "ckpt-3").glob("train_state*")] == ["train_state.pt"]
     # an interrupted run: only ckpt-3 made it to disk; `--resume auto` must find it and go on from step 3
     shutil.copytree(tmp_path / "full" / "ckpt-3", tmp_path / "resumed" / "ckpt-3")
     resumed = train(toy_setup, toy_setup.sft, tmp_path / "resumed", *args, "--resume", "auto")
@@ -212,7 +212,7 @@ def test_default_precision_on_cpu_is_fp32(toy_setup, tmp_path):
     proc = run_script(SCRIPT, "--model", toy_setup.model, "--data", toy_setup.sft, "--out", out, "--device", "cpu",
                       "--max-steps", 1, "--batch-size", 1, "--eval-frac", 0, "--save-every", 1)
     assert "precision: fp32 (the default on cpu" in proc.stdout
-    state = torch.load(out / "ckpt-1" / "train_state_rank0.pt", weights_only=False)
+    state = torch.load(out / "ckpt-1" / "train_state.pt", weights_only=False)
     assert state["args"]["precision"] == "fp32"
 
 
