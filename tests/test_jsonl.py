@@ -7,7 +7,6 @@ import json
 import subprocess
 import threading
 
-import pytest
 
 from nanoalign.completions import HttpPolicy
 from nanoalign.endpoint import HttpReward, JsonlCache

@@ -1,7 +1,6 @@
 """What a run shows besides metrics.jsonl: tqdm progress that stays line-based in a log file (real subprocesses
 writing to a real file, and to a pseudo-terminal), TensorBoard event files read back with tensorboard's own reader,
 a one-line error for a tracker that is not installed, and the model card of every exported dir."""
-import json
 import math
 import os
 import fcntl
