@@ -32,10 +32,10 @@ import torch
 from nanoalign.chat import load_chat
 from nanoalign.completions import HttpPolicy, PolicyServerError
 from nanoalign.data import prompt_records, read_records
-from nanoalign.endpoint import is_score
+from nanoalign.endpoint import is_score_or_none
 from nanoalign.engine import generate
 from nanoalign.errors import InputError
-from nanoalign.jsonl import NUMBER_OR_NULL, ShardedJsonl, has_fields, write_json
+from nanoalign.jsonl import ShardedJsonl, has_fields, write_json
 from nanoalign.lora import load_merged
 from nanoalign.model import check_vocab
 from nanoalign.pages import write_eval_report
@@ -110,14 +110,14 @@ check_settings(out, settings_from(
 # checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
                          check=prompt_check(args.reward))
-# what a verdict row must hold to count as judged; a row without it is damaged and its prompt judged again
-PER_PROMPT_FIELDS = dict(prompt_id=str, prompt=list, response_a=str, response_b=str, score_a=NUMBER_OR_NULL,
-                         score_b=NUMBER_OR_NULL, winner=str, tokens_a=int, tokens_b=int, finished_a=bool,
+# what a verdict row must hold to count as judged, as a fresh one does (a score that is_score refuses is no
+# score); a row without it is damaged and its prompt judged again
+PER_PROMPT_FIELDS = dict(prompt_id=str, prompt=list, response_a=str, response_b=str, score_a=is_score_or_none,
+                         score_b=is_score_or_none, winner=str, tokens_a=int, tokens_b=int, finished_a=bool,
                          finished_b=(bool, type(None)))  # None: a stored --responses-b answer
 judged = ShardedJsonl(out / "per_prompt.jsonl", key=lambda r: r["prompt_id"], rank=d.rank, world=d.world,
                       check=has_fields(PER_PROMPT_FIELDS))
-done = {row["prompt_id"] for row in judged.rows  # scores that fail the checks fresh ones get are judged again
-        if all(s is None or is_score(s) for s in (row["score_a"], row["score_b"]))}
+done = {row["prompt_id"] for row in judged.rows}
 todo = [(pid, messages) for pid, messages in prompts if pid not in done]
 print0(f"{len(prompts)} prompts: {len(done)} judged before, {len(todo)} to go"
        + (f" on {d.world} ranks" if d.world > 1 else ""))

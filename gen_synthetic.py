@@ -33,9 +33,9 @@ import torch
 from nanoalign.chat import load_chat
 from nanoalign.completions import HttpPolicy, PolicyServerError
 from nanoalign.data import prompt_records, read_records
-from nanoalign.endpoint import is_score
+from nanoalign.endpoint import is_score_or_none
 from nanoalign.engine import Engine
-from nanoalign.jsonl import NUMBER_OR_NULL, ShardedJsonl, has_fields, write_json, write_jsonl
+from nanoalign.jsonl import ShardedJsonl, has_fields, write_json, write_jsonl
 from nanoalign.lora import load_merged
 from nanoalign.model import check_vocab
 from nanoalign.pages import write_pairs_report
@@ -117,14 +117,15 @@ prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.pro
                          check=prompt_check(args.reward))
 
 # resume: prompts with all n samples on disk (any earlier run, any world size) are done; the rest is redone
-# what a sample row must hold to count as done; a row without it is damaged and its prompt sampled again
-SAMPLE_FIELDS = dict(prompt_id=str, prompt=list, sample=int, response=str, score=NUMBER_OR_NULL, n_tokens=int,
+# what a sample row must hold to count as done, as a fresh one does (a score that is_score refuses, a NaN or
+# 1e308 of an older run, is no score); a row without it is damaged and its prompt sampled again
+SAMPLE_FIELDS = dict(prompt_id=str, prompt=list, sample=int, response=str, score=is_score_or_none, n_tokens=int,
                      finished=bool)
 samples = ShardedJsonl(out / "samples.jsonl", key=lambda r: (r["prompt_id"], r["sample"]), rank=d.rank, world=d.world,
                        check=has_fields(SAMPLE_FIELDS))
 count = defaultdict(int)
-for row in samples.rows:  # a score that fails the checks a fresh one gets (NaN, 1e308: older runs) is redone
-    count[row["prompt_id"]] += row["sample"] < n and (row["score"] is None or is_score(row["score"]))
+for row in samples.rows:
+    count[row["prompt_id"]] += row["sample"] < n
 done = {pid for pid, c in count.items() if c >= n}
 todo = [(pid, messages) for pid, messages in prompts if pid not in done]
 print0(f"{len(prompts)} prompts: {len(done & {pid for pid, _ in prompts})} done before, {len(todo)} to sample"
