@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from nanoalign.chat import load_chat
-from nanoalign.completions import HttpPolicy, PolicyServerError
+from nanoalign.completions import PolicyServerError, add_policy_args, policy_from_args
 from nanoalign.data import prompt_records, read_records
 from nanoalign.endpoint import is_score_or_none
 from nanoalign.engine import Engine
@@ -42,9 +42,9 @@ from nanoalign.pages import write_pairs_report
 from nanoalign.preferences import best_worst_pair, pair_lengths, text_similarity
 from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
 from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
-from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int, probability,
-                             one_line_errors, positive_int, print0, random_seed, rate, setup_distributed,
-                             timeout_seconds, zero_to_one)
+from nanoalign.sampling import add_sampling_args
+from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int,
+                             one_line_errors, positive_int, print0, random_seed, rate, setup_distributed, zero_to_one)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,10 +57,7 @@ parser.add_argument("--prompts-config", default=None)
 parser.add_argument("--max-prompts", type=nonneg_int, default=0, help="use the first this-many prompts (0 = all)")
 parser.add_argument("--max-prompt-len", type=positive_int, default=1024, help="prompts keep their last this-many tokens")
 parser.add_argument("--num-samples", type=positive_int, default=4, help="samples per prompt")
-parser.add_argument("--temperature", type=nonneg_float, default=0.8)
-parser.add_argument("--top-p", type=probability, default=0.95)
-parser.add_argument("--top-k", type=nonneg_int, default=0)
-parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+add_sampling_args(parser, temperature=0.8, top_p=0.95)
 parser.add_argument("--batch-size", type=positive_int, default=16,
                     help="prompts in flight (batch-size x num-samples sequences decoded together) and per round of scoring")
 parser.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graph for the decode step (CUDA)")
@@ -68,10 +65,7 @@ parser.add_argument("--policy-url", default=None,
                     help="sample from an OpenAI-compatible completions server (vLLM/SGLang) at this base URL (…/v1) "
                          "instead of loading --model; key, if any, from $OPENAI_API_KEY")
 parser.add_argument("--policy-model", default=None, help="model name at --policy-url (default: --model)")
-parser.add_argument("--policy-concurrency", type=positive_int, default=32, help="--policy-url: requests in flight")
-parser.add_argument("--policy-retries", type=nonneg_int, default=4, help="--policy-url: retries of a failed request")
-parser.add_argument("--policy-timeout", type=timeout_seconds, default=600,
-                    help="--policy-url: seconds per request, > 0 and at most 1e9")
+add_policy_args(parser, "--policy-url")
 add_reward_args(parser)
 parser.add_argument("--min-gap", type=nonneg_float, default=0.0, help="keep a pair only if best - worst score >= this")
 parser.add_argument("--max-similarity", type=zero_to_one, default=1.0,
@@ -155,10 +149,8 @@ def local_samples(prompt_ids):
 
 def server_samples(prompt_ids):
     """The same from an OpenAI-compatible completions server (--policy-url), --batch-size prompts at a time."""
-    policy = HttpPolicy(args.policy_url, args.policy_model or args.model, chat.stop_ids, args.max_new_tokens,
-                        args.temperature, args.top_k, args.top_p, args.seed, timeout=args.policy_timeout,
-                        retries=args.policy_retries, concurrency=args.policy_concurrency,
-                        cache_path=out / "policy_cache.jsonl")
+    policy = policy_from_args(args, args.policy_url, args.policy_model or args.model, chat.stop_ids,
+                              out / "policy_cache.jsonl")
     for start in range(0, len(prompt_ids), args.batch_size):
         chunk = range(start, min(start + args.batch_size, len(prompt_ids)))
         answers = policy.sample([(prompt_ids[i], (todo[i][0], k)) for i in chunk for k in range(n)])

@@ -17,6 +17,7 @@ import json
 
 from nanoalign.endpoint import Endpoint, EndpointError, JsonlCache
 from nanoalign.sampling import stream_key
+from nanoalign.train import nonneg_int, positive_int, timeout_seconds
 
 
 class PolicyServerError(RuntimeError):
@@ -38,6 +39,24 @@ def parse_completion(body: bytes) -> tuple[str, int, bool]:
 # what a policy_cache.jsonl row holds, as parse_completion returns it for a fresh reply; any other row (another
 # schema, a NaN or a string where a count belongs) is damaged: dropped when the cache is opened, and asked again
 ANSWER_FIELDS = dict(text=str, n_tokens=lambda n: type(n) is int and n >= 0, finished=bool)
+
+
+def add_policy_args(parser, url_flags):
+    """The client flags of the completions server(s) at `url_flags` (each script adds those: one URL, or one a
+    side), shared by gen_synthetic.py and eval_winrate.py as reward.add_reward_args is."""
+    parser.add_argument("--policy-concurrency", type=positive_int, default=32, help=f"{url_flags}: requests in flight")
+    parser.add_argument("--policy-retries", type=nonneg_int, default=4,
+                        help=f"{url_flags}: retries of a failed request")
+    parser.add_argument("--policy-timeout", type=timeout_seconds, default=600,
+                        help=f"{url_flags}: seconds per request, > 0 and at most 1e9")
+
+
+def policy_from_args(args, url, model, stop_ids, cache_path):
+    """The HttpPolicy at `url` serving `model` that the sampling flags (sampling.add_sampling_args, --seed) and
+    add_policy_args' flags describe; its answers cached in cache_path."""
+    return HttpPolicy(url, model, stop_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                      timeout=args.policy_timeout, retries=args.policy_retries, concurrency=args.policy_concurrency,
+                      cache_path=cache_path)
 
 
 class HttpPolicy:
