@@ -40,7 +40,8 @@ from nanoalign.lora import load_merged
 from nanoalign.model import check_vocab
 from nanoalign.pages import write_eval_report
 from nanoalign.preferences import BOOTSTRAP, answer_lengths, length_controlled, win_rate
-from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
+from nanoalign.reward import (RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args,
+                              unused_reward_flags)
 from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
 from nanoalign.sampling import add_sampling_args
 from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int,
@@ -97,10 +98,7 @@ out = Path(args.out)
 lock_out_dir(out, device)
 # every other flag defines the verdicts on disk: recorded, and a rerun with another value stops (README "Runs that
 # survive")
-http_reward = args.reward == "http" or args.reward.startswith(("http://", "https://"))
-check_settings(out, settings_from(
-    args, FREE, unused=([] if http_reward else ["reward_model", "reward_tokenizer"])
-    + (["reward_dtype"] if http_reward or args.reward == "toy" else [])), args.overwrite)
+check_settings(out, settings_from(args, FREE, unused=unused_reward_flags(args.reward)), args.overwrite)
 # checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
                          check=prompt_check(args.reward))

@@ -40,7 +40,8 @@ from nanoalign.lora import load_merged
 from nanoalign.model import check_vocab
 from nanoalign.pages import write_pairs_report
 from nanoalign.preferences import best_worst_pair, pair_lengths, text_similarity
-from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
+from nanoalign.reward import (RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args,
+                              unused_reward_flags)
 from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
 from nanoalign.sampling import add_sampling_args
 from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int,
@@ -101,11 +102,8 @@ n = args.num_samples
 lock_out_dir(out, device)
 # every other flag defines the samples on disk: recorded, and a rerun with another value stops (README "Runs that
 # survive")
-http_reward = args.reward == "http" or args.reward.startswith(("http://", "https://"))
-check_settings(out, settings_from(
-    args, FREE, unused=([] if args.policy_url else ["policy_model"])
-    + ([] if http_reward else ["reward_model", "reward_tokenizer"])
-    + (["reward_dtype"] if http_reward or args.reward == "toy" else [])), args.overwrite)
+unused = ([] if args.policy_url else ["policy_model"]) + unused_reward_flags(args.reward)
+check_settings(out, settings_from(args, FREE, unused=unused), args.overwrite)
 # checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
                          check=prompt_check(args.reward))
