@@ -42,7 +42,7 @@ from nanoalign.pages import write_eval_report
 from nanoalign.preferences import BOOTSTRAP, answer_lengths, length_controlled, win_rate
 from nanoalign.reward import (RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args,
                               unused_reward_flags)
-from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
+from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from, together
 from nanoalign.sampling import add_sampling_args
 from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int,
                              one_line_errors, positive_int, print0, random_seed, rate, setup_distributed)
@@ -107,14 +107,13 @@ prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.pro
 PER_PROMPT_FIELDS = dict(prompt_id=str, prompt=list, response_a=str, response_b=str, score_a=is_score_or_none,
                          score_b=is_score_or_none, winner=str, tokens_a=int, tokens_b=int, finished_a=bool,
                          finished_b=(bool, type(None)))  # None: a stored --responses-b answer
-judged = ShardedJsonl(out / "per_prompt.jsonl", key=lambda r: r["prompt_id"], rank=d.rank, world=d.world,
-                      check=has_fields(PER_PROMPT_FIELDS))
+with together(device):  # every rank has read what is done before any rank writes; an error on one stops all
+    judged = ShardedJsonl(out / "per_prompt.jsonl", key=lambda r: r["prompt_id"], rank=d.rank, world=d.world,
+                          check=has_fields(PER_PROMPT_FIELDS))
 done = {row["prompt_id"] for row in judged.rows}
 todo = [(pid, messages) for pid, messages in prompts if pid not in done]
 print0(f"{len(prompts)} prompts: {len(done)} judged before, {len(todo)} to go"
        + (f" on {d.world} ranks" if d.world > 1 else ""))
-if d.world > 1:
-    torch.distributed.barrier()  # every rank has read what is done before any rank writes
 todo = todo[d.rank::d.world]
 
 stored = None

@@ -42,7 +42,7 @@ from nanoalign.pages import write_pairs_report
 from nanoalign.preferences import best_worst_pair, pair_lengths, text_similarity
 from nanoalign.reward import (RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args,
                               unused_reward_flags)
-from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
+from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from, together
 from nanoalign.sampling import add_sampling_args
 from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int,
                              one_line_errors, positive_int, print0, random_seed, rate, setup_distributed, zero_to_one)
@@ -113,8 +113,9 @@ prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.pro
 # 1e308 of an older run, is no score); a row without it is damaged and its prompt sampled again
 SAMPLE_FIELDS = dict(prompt_id=str, prompt=list, sample=int, response=str, score=is_score_or_none, n_tokens=int,
                      finished=bool)
-samples = ShardedJsonl(out / "samples.jsonl", key=lambda r: (r["prompt_id"], r["sample"]), rank=d.rank, world=d.world,
-                       check=has_fields(SAMPLE_FIELDS))
+with together(device):  # every rank has read what is done before any rank writes; an error on one stops all
+    samples = ShardedJsonl(out / "samples.jsonl", key=lambda r: (r["prompt_id"], r["sample"]), rank=d.rank,
+                           world=d.world, check=has_fields(SAMPLE_FIELDS))
 count = defaultdict(int)
 for row in samples.rows:
     count[row["prompt_id"]] += row["sample"] < n
@@ -122,8 +123,6 @@ done = {pid for pid, c in count.items() if c >= n}
 todo = [(pid, messages) for pid, messages in prompts if pid not in done]
 print0(f"{len(prompts)} prompts: {len(done & {pid for pid, _ in prompts})} done before, {len(todo)} to sample"
        + (f" on {d.world} ranks" if d.world > 1 else ""))
-if d.world > 1:
-    torch.distributed.barrier()  # every rank has read what is done before any rank writes
 todo = todo[d.rank::d.world]
 
 
