@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from nanoalign.errors import InputError
 from nanoalign.jsonl import ResumableJsonl
+from nanoalign.model import nonfinite
 from nanoalign.rundir import (MARKER, checkpoint_world_size, disk_errors, is_complete, latest_checkpoint, together,
                               torch_save)
 
@@ -322,8 +323,8 @@ def check_finite_weights(model, step):
     """Raise NonFiniteError instead of saving a NaN/inf weight. Every rank calls it (each checks what it holds: all
     of it under DDP, its shard under FSDP) and the verdict is summed over ranks, so all stop together rather than
     some waiting at a barrier or a gather."""
-    bad = [n for n, p in model.named_parameters()
-           if p.requires_grad and not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+    bad = nonfinite((n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()
+                    if p.requires_grad)
     if all_reduce_sum(len(bad), next(model.parameters()).device):
         where = f"{bad[0]}{f' and {len(bad) - 1} more' if bad[1:] else ''}" if bad else "in another rank's shard"
         raise NonFiniteError(f"step {step}: non-finite weights ({where}): not saved; lower --lr or resume from an "
