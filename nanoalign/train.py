@@ -19,7 +19,7 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # t
 from tqdm import tqdm
 
 from nanoalign.errors import InputError
-from nanoalign.jsonl import ResumableJsonl
+from nanoalign.jsonl import ResumableJsonl, has_fields
 from nanoalign.model import nonfinite
 from nanoalign.rundir import (MARKER, checkpoint_world_size, disk_errors, is_complete, latest_checkpoint, together,
                               torch_save)
@@ -409,8 +409,8 @@ class MetricsLog:
     def __init__(self, path, enabled=True, start_step=0):
         self.path, self.enabled = Path(path), enabled
         if enabled:
-            old = ResumableJsonl(self.path)  # drops a line cut off by a kill
-            keep = [r for r in old.rows if r.get("step", 0) <= start_step]
+            old = ResumableJsonl(self.path, check=has_fields(dict(step=int)))  # drops a line cut off by a kill
+            keep = [r for r in old.rows if r["step"] <= start_step]
             if len(keep) != len(old.rows):
                 old.rewrite(keep)  # atomic: a kill now leaves the old file or the new one
 
