@@ -320,15 +320,16 @@ class DivergenceGuard:
 
 
 def check_finite_weights(model, step):
-    """Raise NonFiniteError instead of saving a NaN/inf weight. Every rank calls it (each checks what it holds: all
-    of it under DDP, its shard under FSDP) and the verdict is summed over ranks, so all stop together rather than
-    some waiting at a barrier or a gather."""
-    bad = nonfinite((n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()
-                    if p.requires_grad)
-    if all_reduce_sum(len(bad), next(model.parameters()).device):
-        where = f"{bad[0]}{f' and {len(bad) - 1} more' if bad[1:] else ''}" if bad else "in another rank's shard"
-        raise NonFiniteError(f"step {step}: non-finite weights ({where}): not saved; lower --lr or resume from an "
-                             f"earlier checkpoint")
+    """Raise NonFiniteError instead of saving a NaN/inf weight. Every rank calls it and checks what it holds (all of
+    it under DDP, its shard under FSDP); under rundir.together a rank that finds one says so and every rank stops,
+    rather than some waiting at a barrier or a gather."""
+    with together():
+        bad = nonfinite((n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()
+                        if p.requires_grad)
+        if bad:
+            where = f"{bad[0]}{f' and {len(bad) - 1} more' if bad[1:] else ''}"
+            raise NonFiniteError(f"step {step}: non-finite weights ({where}): not saved; lower --lr or resume from "
+                                 f"an earlier checkpoint")
 
 
 def set_lr(optimizer, lr):
