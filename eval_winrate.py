@@ -30,21 +30,22 @@ from pathlib import Path
 import torch
 
 from nanoalign.chat import load_chat
-from nanoalign.completions import HttpPolicy, PolicyServerError
+from nanoalign.completions import HttpPolicy, PolicyServerError, add_policy_args, policy_from_args
 from nanoalign.data import prompt_records, read_records
-from nanoalign.endpoint import is_score
+from nanoalign.endpoint import is_score_or_none
 from nanoalign.engine import generate
 from nanoalign.errors import InputError
-from nanoalign.jsonl import NUMBER_OR_NULL, ShardedJsonl, has_fields, write_json
+from nanoalign.jsonl import ShardedJsonl, has_fields, write_json
 from nanoalign.lora import load_merged
 from nanoalign.model import check_vocab
 from nanoalign.pages import write_eval_report
 from nanoalign.preferences import BOOTSTRAP, answer_lengths, length_controlled, win_rate
-from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
-from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
-from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int, probability,
-                             one_line_errors, positive_int, print0, random_seed, rate, setup_distributed,
-                             timeout_seconds)
+from nanoalign.reward import (RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args,
+                              unused_reward_flags)
+from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from, together
+from nanoalign.sampling import add_sampling_args
+from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int,
+                             one_line_errors, positive_int, print0, random_seed, rate, setup_distributed)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,20 +62,14 @@ parser.add_argument("--prompts-split", default="test_gen")
 parser.add_argument("--prompts-config", default=None)
 parser.add_argument("--max-prompts", type=nonneg_int, default=0)
 parser.add_argument("--max-prompt-len", type=positive_int, default=1024)
-parser.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
-parser.add_argument("--top-p", type=probability, default=1.0)
-parser.add_argument("--top-k", type=nonneg_int, default=0)
-parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+add_sampling_args(parser, temperature=0.0, top_p=1.0)
 parser.add_argument("--batch-size", type=positive_int, default=64,
                     help="prompts per round: sequences decoded together for each side, then scored and written")
 parser.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graph for the decode step (CUDA)")
 parser.add_argument("--policy-url-a", default=None, help="A's answers from an OpenAI-compatible completions server "
                     "(vLLM/SGLang, base URL …/v1) instead of loading --model-a, which names the model there")
 parser.add_argument("--policy-url-b", default=None, help="the same for B (--model-b names the model there)")
-parser.add_argument("--policy-concurrency", type=positive_int, default=32, help="--policy-url-*: requests in flight")
-parser.add_argument("--policy-retries", type=nonneg_int, default=4, help="--policy-url-*: retries of a failed request")
-parser.add_argument("--policy-timeout", type=timeout_seconds, default=600,
-                    help="--policy-url-*: seconds per request, > 0 and at most 1e9")
+add_policy_args(parser, "--policy-url-*")
 add_reward_args(parser)
 parser.add_argument("--tie-eps", type=nonneg_float, default=0.0, help="|score A - score B| <= this (>= 0) is a tie")
 parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
@@ -103,26 +98,22 @@ out = Path(args.out)
 lock_out_dir(out, device)
 # every other flag defines the verdicts on disk: recorded, and a rerun with another value stops (README "Runs that
 # survive")
-http_reward = args.reward == "http" or args.reward.startswith(("http://", "https://"))
-check_settings(out, settings_from(
-    args, FREE, unused=([] if http_reward else ["reward_model", "reward_tokenizer"])
-    + (["reward_dtype"] if http_reward or args.reward == "toy" else [])), args.overwrite)
+check_settings(out, settings_from(args, FREE, unused=unused_reward_flags(args.reward)), args.overwrite)
 # checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
                          check=prompt_check(args.reward))
-# what a verdict row must hold to count as judged; a row without it is damaged and its prompt judged again
-PER_PROMPT_FIELDS = dict(prompt_id=str, prompt=list, response_a=str, response_b=str, score_a=NUMBER_OR_NULL,
-                         score_b=NUMBER_OR_NULL, winner=str, tokens_a=int, tokens_b=int, finished_a=bool,
+# what a verdict row must hold to count as judged, as a fresh one does (a score that is_score refuses is no
+# score); a row without it is damaged and its prompt judged again
+PER_PROMPT_FIELDS = dict(prompt_id=str, prompt=list, response_a=str, response_b=str, score_a=is_score_or_none,
+                         score_b=is_score_or_none, winner=str, tokens_a=int, tokens_b=int, finished_a=bool,
                          finished_b=(bool, type(None)))  # None: a stored --responses-b answer
-judged = ShardedJsonl(out / "per_prompt.jsonl", key=lambda r: r["prompt_id"], rank=d.rank, world=d.world,
-                      check=has_fields(PER_PROMPT_FIELDS))
-done = {row["prompt_id"] for row in judged.rows  # scores that fail the checks fresh ones get are judged again
-        if all(s is None or is_score(s) for s in (row["score_a"], row["score_b"]))}
+with together(device):  # every rank has read what is done before any rank writes; an error on one stops all
+    judged = ShardedJsonl(out / "per_prompt.jsonl", key=lambda r: r["prompt_id"], rank=d.rank, world=d.world,
+                          check=has_fields(PER_PROMPT_FIELDS))
+done = {row["prompt_id"] for row in judged.rows}
 todo = [(pid, messages) for pid, messages in prompts if pid not in done]
 print0(f"{len(prompts)} prompts: {len(done)} judged before, {len(todo)} to go"
        + (f" on {d.world} ranks" if d.world > 1 else ""))
-if d.world > 1:
-    torch.distributed.barrier()  # every rank has read what is done before any rank writes
 todo = todo[d.rank::d.world]
 
 stored = None
@@ -144,9 +135,7 @@ if todo:
     def policy(model, adapters, url):
         """The local model (adapters merged), or the completions server serving it (key from $OPENAI_API_KEY)."""
         if url:
-            return HttpPolicy(url, model, chat.stop_ids, args.max_new_tokens, args.temperature, args.top_k,
-                              args.top_p, args.seed, timeout=args.policy_timeout, retries=args.policy_retries,
-                              concurrency=args.policy_concurrency, cache_path=out / "policy_cache.jsonl")
+            return policy_from_args(args, url, model, chat.stop_ids, out / "policy_cache.jsonl")
         local = load_merged(model, adapters, dtype=dtype, device=device)
         check_vocab(chat.vocab_size, local.config, args.tokenizer or args.model_a, model)
         return local

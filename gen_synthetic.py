@@ -31,20 +31,21 @@ from pathlib import Path
 import torch
 
 from nanoalign.chat import load_chat
-from nanoalign.completions import HttpPolicy, PolicyServerError
+from nanoalign.completions import PolicyServerError, add_policy_args, policy_from_args
 from nanoalign.data import prompt_records, read_records
-from nanoalign.endpoint import is_score
+from nanoalign.endpoint import is_score_or_none
 from nanoalign.engine import Engine
-from nanoalign.jsonl import NUMBER_OR_NULL, ShardedJsonl, has_fields, write_json, write_jsonl
+from nanoalign.jsonl import ShardedJsonl, has_fields, write_json, write_jsonl
 from nanoalign.lora import load_merged
 from nanoalign.model import check_vocab
 from nanoalign.pages import write_pairs_report
 from nanoalign.preferences import best_worst_pair, pair_lengths, text_similarity
-from nanoalign.reward import RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args
-from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from
-from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int, probability,
-                             one_line_errors, positive_int, print0, random_seed, rate, setup_distributed,
-                             timeout_seconds, zero_to_one)
+from nanoalign.reward import (RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args,
+                              unused_reward_flags)
+from nanoalign.rundir import add_flags, check_settings, lock_out_dir, settings_from, together
+from nanoalign.sampling import add_sampling_args
+from nanoalign.train import (DTYPES, Progress, choose_precision, cleanup_distributed, nonneg_float, nonneg_int,
+                             one_line_errors, positive_int, print0, random_seed, rate, setup_distributed, zero_to_one)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,10 +58,7 @@ parser.add_argument("--prompts-config", default=None)
 parser.add_argument("--max-prompts", type=nonneg_int, default=0, help="use the first this-many prompts (0 = all)")
 parser.add_argument("--max-prompt-len", type=positive_int, default=1024, help="prompts keep their last this-many tokens")
 parser.add_argument("--num-samples", type=positive_int, default=4, help="samples per prompt")
-parser.add_argument("--temperature", type=nonneg_float, default=0.8)
-parser.add_argument("--top-p", type=probability, default=0.95)
-parser.add_argument("--top-k", type=nonneg_int, default=0)
-parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+add_sampling_args(parser, temperature=0.8, top_p=0.95)
 parser.add_argument("--batch-size", type=positive_int, default=16,
                     help="prompts in flight (batch-size x num-samples sequences decoded together) and per round of scoring")
 parser.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graph for the decode step (CUDA)")
@@ -68,10 +66,7 @@ parser.add_argument("--policy-url", default=None,
                     help="sample from an OpenAI-compatible completions server (vLLM/SGLang) at this base URL (…/v1) "
                          "instead of loading --model; key, if any, from $OPENAI_API_KEY")
 parser.add_argument("--policy-model", default=None, help="model name at --policy-url (default: --model)")
-parser.add_argument("--policy-concurrency", type=positive_int, default=32, help="--policy-url: requests in flight")
-parser.add_argument("--policy-retries", type=nonneg_int, default=4, help="--policy-url: retries of a failed request")
-parser.add_argument("--policy-timeout", type=timeout_seconds, default=600,
-                    help="--policy-url: seconds per request, > 0 and at most 1e9")
+add_policy_args(parser, "--policy-url")
 add_reward_args(parser)
 parser.add_argument("--min-gap", type=nonneg_float, default=0.0, help="keep a pair only if best - worst score >= this")
 parser.add_argument("--max-similarity", type=zero_to_one, default=1.0,
@@ -107,30 +102,27 @@ n = args.num_samples
 lock_out_dir(out, device)
 # every other flag defines the samples on disk: recorded, and a rerun with another value stops (README "Runs that
 # survive")
-http_reward = args.reward == "http" or args.reward.startswith(("http://", "https://"))
-check_settings(out, settings_from(
-    args, FREE, unused=([] if args.policy_url else ["policy_model"])
-    + ([] if http_reward else ["reward_model", "reward_tokenizer"])
-    + (["reward_dtype"] if http_reward or args.reward == "toy" else [])), args.overwrite)
+unused = ([] if args.policy_url else ["policy_model"]) + unused_reward_flags(args.reward)
+check_settings(out, settings_from(args, FREE, unused=unused), args.overwrite)
 # checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
                          check=prompt_check(args.reward))
 
 # resume: prompts with all n samples on disk (any earlier run, any world size) are done; the rest is redone
-# what a sample row must hold to count as done; a row without it is damaged and its prompt sampled again
-SAMPLE_FIELDS = dict(prompt_id=str, prompt=list, sample=int, response=str, score=NUMBER_OR_NULL, n_tokens=int,
+# what a sample row must hold to count as done, as a fresh one does (a score that is_score refuses, a NaN or
+# 1e308 of an older run, is no score); a row without it is damaged and its prompt sampled again
+SAMPLE_FIELDS = dict(prompt_id=str, prompt=list, sample=int, response=str, score=is_score_or_none, n_tokens=int,
                      finished=bool)
-samples = ShardedJsonl(out / "samples.jsonl", key=lambda r: (r["prompt_id"], r["sample"]), rank=d.rank, world=d.world,
-                       check=has_fields(SAMPLE_FIELDS))
+with together(device):  # every rank has read what is done before any rank writes; an error on one stops all
+    samples = ShardedJsonl(out / "samples.jsonl", key=lambda r: (r["prompt_id"], r["sample"]), rank=d.rank,
+                           world=d.world, check=has_fields(SAMPLE_FIELDS))
 count = defaultdict(int)
-for row in samples.rows:  # a score that fails the checks a fresh one gets (NaN, 1e308: older runs) is redone
-    count[row["prompt_id"]] += row["sample"] < n and (row["score"] is None or is_score(row["score"]))
+for row in samples.rows:
+    count[row["prompt_id"]] += row["sample"] < n
 done = {pid for pid, c in count.items() if c >= n}
 todo = [(pid, messages) for pid, messages in prompts if pid not in done]
 print0(f"{len(prompts)} prompts: {len(done & {pid for pid, _ in prompts})} done before, {len(todo)} to sample"
        + (f" on {d.world} ranks" if d.world > 1 else ""))
-if d.world > 1:
-    torch.distributed.barrier()  # every rank has read what is done before any rank writes
 todo = todo[d.rank::d.world]
 
 
@@ -154,10 +146,8 @@ def local_samples(prompt_ids):
 
 def server_samples(prompt_ids):
     """The same from an OpenAI-compatible completions server (--policy-url), --batch-size prompts at a time."""
-    policy = HttpPolicy(args.policy_url, args.policy_model or args.model, chat.stop_ids, args.max_new_tokens,
-                        args.temperature, args.top_k, args.top_p, args.seed, timeout=args.policy_timeout,
-                        retries=args.policy_retries, concurrency=args.policy_concurrency,
-                        cache_path=out / "policy_cache.jsonl")
+    policy = policy_from_args(args, args.policy_url, args.policy_model or args.model, chat.stop_ids,
+                              out / "policy_cache.jsonl")
     for start in range(0, len(prompt_ids), args.batch_size):
         chunk = range(start, min(start + args.batch_size, len(prompt_ids)))
         answers = policy.sample([(prompt_ids[i], (todo[i][0], k)) for i in chunk for k in range(n)])

@@ -17,6 +17,7 @@ import json
 
 from nanoalign.endpoint import Endpoint, EndpointError, JsonlCache
 from nanoalign.sampling import stream_key
+from nanoalign.train import nonneg_int, positive_int, timeout_seconds
 
 
 class PolicyServerError(RuntimeError):
@@ -35,12 +36,27 @@ def parse_completion(body: bytes) -> tuple[str, int, bool]:
                          f"{body[:300].decode('utf-8', 'replace')!r}") from None
 
 
-def cached_answer(row) -> tuple[str, int, bool] | None:
-    """(text, n_tokens, finished) of a policy_cache.jsonl row that holds what parse_completion returns for a fresh
-    reply; None for any other row (another schema, a NaN or a string where a count belongs)."""
-    ok = (isinstance(row, dict) and isinstance(row.get("request_sha256"), str) and isinstance(row.get("text"), str)
-          and type(row.get("n_tokens")) is int and row["n_tokens"] >= 0 and type(row.get("finished")) is bool)
-    return (row["text"], row["n_tokens"], row["finished"]) if ok else None
+# what a policy_cache.jsonl row holds, as parse_completion returns it for a fresh reply; any other row (another
+# schema, a NaN or a string where a count belongs) is damaged: dropped when the cache is opened, and asked again
+ANSWER_FIELDS = dict(text=str, n_tokens=lambda n: type(n) is int and n >= 0, finished=bool)
+
+
+def add_policy_args(parser, url_flags):
+    """The client flags of the completions server(s) at `url_flags` (each script adds those: one URL, or one a
+    side), shared by gen_synthetic.py and eval_winrate.py as reward.add_reward_args is."""
+    parser.add_argument("--policy-concurrency", type=positive_int, default=32, help=f"{url_flags}: requests in flight")
+    parser.add_argument("--policy-retries", type=nonneg_int, default=4,
+                        help=f"{url_flags}: retries of a failed request")
+    parser.add_argument("--policy-timeout", type=timeout_seconds, default=600,
+                        help=f"{url_flags}: seconds per request, > 0 and at most 1e9")
+
+
+def policy_from_args(args, url, model, stop_ids, cache_path):
+    """The HttpPolicy at `url` serving `model` that the sampling flags (sampling.add_sampling_args, --seed) and
+    add_policy_args' flags describe; its answers cached in cache_path."""
+    return HttpPolicy(url, model, stop_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                      timeout=args.policy_timeout, retries=args.policy_retries, concurrency=args.policy_concurrency,
+                      cache_path=cache_path)
 
 
 class HttpPolicy:
@@ -56,7 +72,7 @@ class HttpPolicy:
         if top_k:
             self.settings["top_k"] = top_k  # vLLM / SGLang extension; not sent when off
         self.seed, self.concurrency = seed, concurrency
-        self.cache = JsonlCache(cache_path, ("request_sha256",), {}, dict(text=str, n_tokens=int, finished=bool))
+        self.cache = JsonlCache(cache_path, ("request_sha256",), {}, ANSWER_FIELDS)
 
     def payload(self, prompt_ids, key) -> dict:
         return dict(self.settings, prompt=list(prompt_ids), seed=stream_key(self.seed, key)[0])
@@ -72,7 +88,7 @@ class HttpPolicy:
 
     def _answer(self, sha):
         row = self.cache.get((sha,))
-        return None if row is None else cached_answer(row)  # a row that fails the checks is asked again
+        return None if row is None else (row["text"], row["n_tokens"], row["finished"])
 
     def _ask(self, sha, payload):
         try:

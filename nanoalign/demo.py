@@ -124,9 +124,10 @@ def main(argv=None):
     step("train_dpo.py", "--model", sft / "final", "--adapter", dpo / "final", "--data", synth / "pairs.jsonl",
          "--out", dpo2, "--max-steps", 100, *dpo_args, log=out / "logs/dpo2.log")
     evals = {"dpo vs sft": ([dpo / "final"], []), "round 2 vs dpo": ([dpo / "final", dpo2 / "final"], [dpo / "final"])}
-    results = {}
+    results, eval_dirs = {}, []
     for name, (adapters_a, adapters_b) in evals.items():
         eval_out = out / ("eval_" + name.replace(" ", "_"))
+        eval_dirs.append(eval_out)
         step("eval_winrate.py", "--model-a", sft / "final", *[x for a in adapters_a for x in ("--adapter-a", a)],
              "--model-b", sft / "final", *[x for a in adapters_b for x in ("--adapter-b", a)],
              "--name-a", name.split(" vs ")[0], "--name-b", name.split(" vs ")[1],
@@ -153,7 +154,7 @@ def main(argv=None):
     (out / "results.json").write_text(json.dumps(dict(evals=results, synthetic=synth_summary,
                                                       seconds=round(time.time() - t0, 1)), indent=2) + "\n")
     figures = write_figures(out, results)
-    print(f"pages: {write_compare([out / ('eval_' + n.replace(' ', '_')) for n in evals], out / 'compare.html')} "
+    print(f"pages: {write_compare(eval_dirs, out / 'compare.html')} "
           "(each comparison's report.html: every prompt's answers side by side)")
     print(f"done in {time.time() - t0:.0f}s: {out / 'results.json'}, {figures}{out}/*/metrics.jsonl")
 

@@ -27,7 +27,7 @@ import urllib.parse
 from tokenizers import Tokenizer
 
 from nanoalign.errors import InputError
-from nanoalign.jsonl import NUMBER, has_fields, parse_rows, say_damaged
+from nanoalign.jsonl import has_fields, parse_rows, say_damaged
 from nanoalign.rundir import disk_errors
 
 NVIDIA_BASE_URL = "https://integrate.api.nvidia.com/v1"
@@ -251,10 +251,10 @@ class JsonlCache:
     """Rows keyed by some of their fields, appended to a JSONL file as they arrive and read back at start.
 
     Only rows whose `scope` fields match (e.g. the model name) are read, so one file can hold several models'
-    answers. A row is a result (holding `fields`, {name: type}) or a refusal (an `error` string). Several processes
-    may share the file (the ranks of a torchrun job): each read and append holds an flock on it. On open, a line
-    torn by a kill and damaged rows (not JSON, a key field missing, neither a result nor a refusal) are cut from the
-    file, the damage named in one line: their items are asked again.
+    answers. A row is a result (holding `fields` as has_fields checks them: what a fresh reply gives) or a refusal
+    (an `error` string). Several processes may share the file (the ranks of a torchrun job): each read and append
+    holds an flock on it. On open, a line torn by a kill and damaged rows (not JSON, a key field missing, neither a
+    result nor a refusal) are cut from the file, the damage named in one line: their items are asked again.
     """
 
     def __init__(self, path, key_fields: tuple, scope: dict, fields: dict | None = None):
@@ -354,6 +354,11 @@ def is_score(value) -> bool:
     """
     return type(value) in (int, float) and abs(value) <= MAX_ABS_SCORE
 
+
+def is_score_or_none(value) -> bool:
+    """is_score, or None: the score of an item the endpoint refused (samples.jsonl, per_prompt.jsonl)."""
+    return value is None or is_score(value)
+
 def parse_reward(body: bytes) -> float:
     """The score in a chat-completions reply of a NIM reward model.
 
@@ -397,10 +402,10 @@ class HttpReward:
     Scores are appended to the JSONL `cache_path` as they arrive, keyed by (prompt id, sha256 of the response)
     for this `model`, and read back at start, so a restarted run asks only what is missing; a cached score gets the
     checks a fresh one gets (is_score), and one that fails them (a NaN left by a killed older run, a hand edit) is
-    dropped and asked again. An item the endpoint
-    refuses (ClientError) is cached as {"error": ...}: its score is None, it is counted in `skipped`, and a rerun
-    does not ask it again. If the first `refusals_before_stop` items of a run are all refused, the endpoint is
-    refusing everything (a wrong model name, say) and the run stops with that error.
+    a damaged row: dropped on open and asked again. An item the endpoint refuses (ClientError) is cached as
+    {"error": ...}: its score is None, it is counted in `skipped`, and a rerun does not ask it again. If the first
+    `refusals_before_stop` items of a run are all refused, the endpoint is refusing everything (a wrong model name,
+    say) and the run stops with that error.
     """
 
     def __init__(self, base_url=NVIDIA_BASE_URL, model=NEMOTRON_REWARD, api_key_env="NVIDIA_API_KEY", timeout=60,
@@ -413,7 +418,7 @@ class HttpReward:
         if isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(tokenizer)
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a Chat's tokenizers.Tokenizer
-        self.cache = JsonlCache(cache_path, ("id", "response_sha256"), {"model": model}, {"score": NUMBER})
+        self.cache = JsonlCache(cache_path, ("id", "response_sha256"), {"model": model}, {"score": is_score})
         self.cache_hits = 0
         self.skipped: dict[tuple, str] = {}  # key -> the endpoint's refusal, this run and cached ones
         self.refusals_before_stop, self._answered, self._refused = refusals_before_stop, 0, 0
@@ -427,7 +432,7 @@ class HttpReward:
                 for i, (p, r) in enumerate(zip(prompts, responses))]
         todo = {}
         for key, p, r in zip(keys, prompts, responses):
-            if self._cached(key):
+            if self.cache.get(key) is not None:  # a usable score (the cache checked it on open) or a refusal
                 self.cache_hits += 1
             else:
                 todo.setdefault(key, (p, r))
@@ -439,11 +444,6 @@ class HttpReward:
                 self.skipped[key] = row["error"]
             out.append(row.get("score"))
         return out
-
-    def _cached(self, key) -> bool:
-        """Whether the cache answers key as a fresh reply would: a usable score, or the endpoint's refusal."""
-        row = self.cache.get(key)
-        return row is not None and (isinstance(row.get("error"), str) or is_score(row.get("score")))
 
     def _score_one(self, item):
         key, (prompt, response) = item

@@ -13,9 +13,6 @@ from pathlib import Path
 from nanoalign.errors import InputError
 from nanoalign.rundir import atomic_path, disk_errors, write_text
 
-NUMBER = (int, float)  # JSON numbers, for has_fields
-NUMBER_OR_NULL = (int, float, type(None))
-
 
 def jsonl_lines(rows) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -68,17 +65,20 @@ def read_jsonl(path, torn_ok=False):
 # Reading back what a killed run wrote
 
 def has_fields(fields=None):
-    """A row check for parse_rows: the row is a JSON object holding each of `fields` ({name: type or tuple of
-    types}, e.g. {"prompt_id": str, "score": NUMBER}) with a value of that type. check(row) returns what is
-    wrong, or None."""
+    """A row check for parse_rows: the row is a JSON object holding each of `fields` ({name: a type, a tuple of
+    types, or a function value -> bool}, e.g. {"prompt_id": str, "score": endpoint.is_score}) with a value of that
+    type, or one the function accepts: what a fresh row would hold. check(row) returns what is wrong, or None."""
     def check(row):
         if not isinstance(row, dict):
             return f"a JSON {type(row).__name__}, not an object"
-        for name, types in (fields or {}).items():
+        for name, want in (fields or {}).items():
             if name not in row:
                 return f"no field {name!r}"
-            if not isinstance(row[name], types):
-                return f"field {name!r} holds a {type(row[name]).__name__}"
+            value = row[name]
+            if isinstance(want, (type, tuple)) and not isinstance(value, want):
+                return f"field {name!r} holds a {type(value).__name__}"
+            if not isinstance(want, (type, tuple)) and not want(value):
+                return f"field {name!r} holds {value!r}"
         return None
     return check
 

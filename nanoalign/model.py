@@ -518,18 +518,24 @@ def check_finite(tensors, source):
     """
     if isinstance(tensors, nn.Module):
         tensors = dict(chain(tensors.named_parameters(), tensors.named_buffers()))
-    named = [(name, t) for name, t in tensors.items() if t.is_floating_point() and t.numel() and not t.is_meta]
+    bad = nonfinite(tensors.items())
+    if bad:
+        dtype = str(tensors[bad[0]].dtype).removeprefix("torch.")
+        raise InputError(f"{source}: tensor {bad[0]!r} holds NaN or inf (as {dtype}): a diverged or damaged "
+                         f"checkpoint, not a model to sample, train or judge with")
+
+
+def nonfinite(named) -> list[str]:
+    """The names of the tensors holding a NaN or inf, of (name, tensor) pairs: one aminmax per floating tensor
+    where it is (NaN-propagating, allocating nothing), then one sync for all."""
+    named = [(name, t) for name, t in named if t.is_floating_point() and t.numel() and not t.is_meta]
     if not named:
-        return
+        return []
     with torch.no_grad():
         device = named[0][1].device
         ends = torch.stack([torch.stack(torch.aminmax(t.detach())).float().to(device) for _, t in named])  # [n, 2]
         finite = ends.isfinite().all(dim=1).tolist()
-    for (name, t), ok in zip(named, finite):
-        if not ok:
-            dtype = str(t.dtype).removeprefix("torch.")
-            raise InputError(f"{source}: tensor {name!r} holds NaN or inf (as {dtype}): a diverged or damaged "
-                             f"checkpoint, not a model to sample, train or judge with")
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 def load_model(path_or_hub_id, dtype=torch.float32, device="cpu", check=True) -> CausalLM:

@@ -68,6 +68,15 @@ def prompt_check(spec: str):
     return getattr(_backend(spec)[0], "check_prompt", None)
 
 
+def unused_reward_flags(spec: str) -> list:
+    """The add_reward_args flags (argparse dests) that do not apply to the backend of `spec`, so a run does not
+    record them (rundir.settings_from's `unused`): the endpoint's model and tokenizer without an HTTP reward, the
+    dtype without a local reward model."""
+    backend = _backend(spec)[0]
+    return (["reward_model", "reward_tokenizer"] if backend is not HttpReward else []) + (
+        ["reward_dtype"] if backend is not LocalRewardModel else [])
+
+
 def add_reward_args(parser):
     """The --reward* flags gen_synthetic.py and eval_winrate.py share."""
     parser.add_argument("--reward", default=DEFAULT_REWARD_MODEL,

@@ -8,6 +8,17 @@ import hashlib
 import torch
 
 from nanoalign.errors import InputError
+from nanoalign.train import nonneg_float, nonneg_int, positive_int, probability
+
+
+def add_sampling_args(parser, temperature, top_p):
+    """The sampling flags gen_synthetic.py and eval_winrate.py share, with each script's defaults (synthetic samples
+    want variety, an evaluation greedy answers); the local engine and a completions server get the same settings."""
+    parser.add_argument("--temperature", type=nonneg_float, default=temperature, help="0 = greedy")
+    parser.add_argument("--top-p", type=probability, default=top_p)
+    parser.add_argument("--top-k", type=nonneg_int, default=0)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+
 
 # -----------------------------------------------------------------------------
 # One sampling step

@@ -19,7 +19,8 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # t
 from tqdm import tqdm
 
 from nanoalign.errors import InputError
-from nanoalign.jsonl import ResumableJsonl
+from nanoalign.jsonl import ResumableJsonl, has_fields
+from nanoalign.model import nonfinite
 from nanoalign.rundir import (MARKER, checkpoint_world_size, disk_errors, is_complete, latest_checkpoint, together,
                               torch_save)
 
@@ -319,15 +320,16 @@ class DivergenceGuard:
 
 
 def check_finite_weights(model, step):
-    """Raise NonFiniteError instead of saving a NaN/inf weight. Every rank calls it (each checks what it holds: all
-    of it under DDP, its shard under FSDP) and the verdict is summed over ranks, so all stop together rather than
-    some waiting at a barrier or a gather."""
-    bad = [n for n, p in model.named_parameters()
-           if p.requires_grad and not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
-    if all_reduce_sum(len(bad), next(model.parameters()).device):
-        where = f"{bad[0]}{f' and {len(bad) - 1} more' if bad[1:] else ''}" if bad else "in another rank's shard"
-        raise NonFiniteError(f"step {step}: non-finite weights ({where}): not saved; lower --lr or resume from an "
-                             f"earlier checkpoint")
+    """Raise NonFiniteError instead of saving a NaN/inf weight. Every rank calls it and checks what it holds (all of
+    it under DDP, its shard under FSDP); under rundir.together a rank that finds one says so and every rank stops,
+    rather than some waiting at a barrier or a gather."""
+    with together():
+        bad = nonfinite((n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()
+                        if p.requires_grad)
+        if bad:
+            where = f"{bad[0]}{f' and {len(bad) - 1} more' if bad[1:] else ''}"
+            raise NonFiniteError(f"step {step}: non-finite weights ({where}): not saved; lower --lr or resume from "
+                                 f"an earlier checkpoint")
 
 
 def set_lr(optimizer, lr):
@@ -408,8 +410,8 @@ class MetricsLog:
     def __init__(self, path, enabled=True, start_step=0):
         self.path, self.enabled = Path(path), enabled
         if enabled:
-            old = ResumableJsonl(self.path)  # drops a line cut off by a kill
-            keep = [r for r in old.rows if r.get("step", 0) <= start_step]
+            old = ResumableJsonl(self.path, check=has_fields(dict(step=int)))  # drops a line cut off by a kill
+            keep = [r for r in old.rows if r["step"] <= start_step]
             if len(keep) != len(old.rows):
                 old.rewrite(keep)  # atomic: a kill now leaves the old file or the new one
 

@@ -10,10 +10,10 @@ import threading
 
 from nanoalign.completions import HttpPolicy
 from nanoalign.endpoint import HttpReward, JsonlCache
-from nanoalign.jsonl import NUMBER_OR_NULL, ShardedJsonl, has_fields, jsonl_lines
+from nanoalign.jsonl import ShardedJsonl, has_fields, jsonl_lines
 from tests.fixtures import json_server, run_script, tmpfs, write_jsonl
 
-SAMPLE = dict(prompt_id=str, sample=int, response=str, score=NUMBER_OR_NULL)
+SAMPLE = dict(prompt_id=str, sample=int, response=str, score=(int, float, type(None)))
 
 
 def sample_key(row):

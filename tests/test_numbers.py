@@ -134,7 +134,7 @@ def test_a_cached_score_gets_the_checks_a_fresh_one_gets(tmp_path):
 
         def strict(token):
             raise AssertionError(f"{token} in what was appended")
-        # on open the cache cut the rows that are no result at all ("3.0", null): the 4 new rows are the last ones
+        # on open the cache cut the rows that hold no score (NaN, 1e308, "3.0", null): the 4 new rows are the last ones
         new = [json.loads(line, parse_constant=strict) for line in cache.read_text().splitlines()[-4:]]
         assert sorted(row["response_sha256"] for row in new) == sorted(sha256(r) for r in "abcf")
         again = HttpReward(url, cache_path=cache)

@@ -25,8 +25,8 @@ from nanoalign import tokenized
 from nanoalign.errors import InputError
 from nanoalign.rundir import MARKER, RunDirError
 from nanoalign.tokenized import BuildLock, build_sft, fingerprint, sft_dataset
-from nanoalign.train import (dist_timeout, load_train_state, make_optimizer, make_scaler, resolve_resume,
-                             save_train_state)
+from nanoalign.train import (check_finite_weights, dist_timeout, load_train_state, make_optimizer, make_scaler,
+                             resolve_resume, save_train_state)
 from tests.fixtures import cached_toy_setup, max_weight_diff, read_metrics, read_weights, run_script
 from tests.test_rundir import tmpfs
 
@@ -267,6 +267,23 @@ def test_full_disk_while_building_the_cache_is_one_line(toy, chat, tmp_path):
         with pytest.raises(RunDirError, match=f"^no space left on {disk / 'cache'} \\(writing sft-[0-9a-f]+\\)"):
             sft_dataset(toy.sft, "train", None, chat, 2048, "drop", disk / "cache")
         assert list((disk / "cache").iterdir()) == []
+
+
+def test_nonfinite_weights_on_one_rank_stop_every_rank_with_its_line(tmp_path):
+    """Before a checkpoint every rank checks the weights it holds (its shard under FSDP): a NaN on one rank stops
+    both, that rank with its one line, the other quietly (it said a second line, "in another rank's shard")."""
+    def check(rank):
+        model = torch.nn.Linear(3, 2)
+        if rank == 1:
+            with torch.no_grad():
+                model.bias[0] = float("nan")
+        check_finite_weights(model, 7)
+        torch.distributed.barrier()  # the next collective
+
+    (code0, err0), (code1, err1) = on_ranks(2, tmp_path, check)
+    assert (code0, err0) == (1, "")
+    assert (code1, err1) == (1, "error: step 7: non-finite weights (bias): not saved; lower --lr or resume from an "
+                                "earlier checkpoint\n")
 
 
 def on_ranks(world, tmp_path, fn):

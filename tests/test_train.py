@@ -153,6 +153,16 @@ def test_metrics_stay_valid_json(tmp_path):
         step=1, loss=None, grad_norm=None, lr=0.333333, skipped=True)
 
 
+def test_metrics_rows_without_a_step_are_damaged_rows(tmp_path, capsys):
+    """A resume drops metrics.jsonl's rows past its step; a row whose step is missing or not an integer (a hand
+    edit, another tool's row) is a damaged row, named and dropped, not a TypeError traceback (it was)."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": "2", "loss": 0.4}\n{"loss": 0.3}\n{"step": 3, "loss": 0.2}\n')
+    MetricsLog(path, start_step=2)
+    assert capsys.readouterr().out == f"{path}:2: field 'step' holds a str: dropped 2 damaged rows (lines 2, 3)\n"
+    assert path.read_text() == '{"step": 1, "loss": 0.5}\n'
+
+
 def test_torch_floor_matches_what_the_code_calls(monkeypatch):
     """pyproject.toml's torch floor is the core path's need (SDPA's enable_gqa came in 2.5; it said 2.4); a flag that
     calls something newer names itself and the version it needs in one line on an older torch."""
