@@ -5,6 +5,7 @@ from nanoalign.data import split_holdout
 from nanoalign.errors import InputError
 from tests.fixtures import run_script
 
+
 def test_holdout_by_content_never_leaves_train_empty_in_silence():
     """N01: a small set upsampled (2 conversations x 50 copies) with --eval-frac 0.5: holding out by content takes
     every copy of each held-out conversation, here all of them. train_sft.py then died in pack() with `max() arg is
