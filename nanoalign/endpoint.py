@@ -199,8 +199,15 @@ class Endpoint:
         items = list(items)
         if not items:
             return []
+        def run(item):
+            try:
+                return fn(item)
+            except BaseException:
+                self.stop()  # here, before this worker takes the next queued item: none starts after a failure
+                raise
+
         pool = ThreadPoolExecutor(max_workers=self.concurrency)
-        futures = [pool.submit(fn, item) for item in items]
+        futures = [pool.submit(run, item) for item in items]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             failed = next((f for f in futures if f in done and f.exception() is not None), None)

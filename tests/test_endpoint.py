@@ -13,7 +13,7 @@ import time
 import pytest
 
 from nanoalign.completions import HttpPolicy, PolicyServerError
-from nanoalign.endpoint import EndpointError, HttpReward
+from nanoalign.endpoint import Endpoint, EndpointError, HttpReward
 from tests.fixtures import ROOT, run_script, serving, write_jsonl
 
 BYTE_EVERY = 0.05  # seconds between two bytes of a trickled reply: far within any per-read timeout
@@ -129,3 +129,29 @@ def test_ctrl_c_ends_a_trickling_reply_at_once(tmp_path):
                 proc.kill()
     assert took < 2, f"Ctrl-C took {took:.1f} s"
     assert proc.returncode != 0 and "KeyboardInterrupt" in stderr and len(arrivals) == 2
+
+
+def test_no_item_starts_after_the_first_failure(monkeypatch):
+    """map's first error stops the others, and none starts after it: the worker that failed stops the endpoint
+    before it takes the next queued item. Before, the main thread stopped it once it woke up, and on a busy machine
+    a worker had often sent the next request by then (a reward endpoint asked again after the run gave up, in 4 of
+    30 tries); a main thread slow to wake is played here by a `wait` that returns 0.2 s late."""
+    import nanoalign.endpoint as endpoint_module
+    real_wait = endpoint_module.wait
+
+    def slow_wait(*args, **kw):
+        result = real_wait(*args, **kw)
+        time.sleep(0.2)
+        return result
+    monkeypatch.setattr(endpoint_module, "wait", slow_wait)
+    endpoint = Endpoint("http://127.0.0.1:9/v1/x", concurrency=1)
+    started = []
+
+    def fn(i):
+        if i == 0:
+            raise EndpointError("down")
+        started.append((i, endpoint.stopped.is_set()))  # what post() checks before it sends anything
+
+    with pytest.raises(EndpointError, match="down"):
+        endpoint.map(fn, range(3))
+    assert started and all(stopped for _, stopped in started), started
