@@ -27,3 +27,22 @@ def test_pairs_chat_template_not_utf8_is_one_line(tmp_path):
                       "--prompts", tmp_path / "none.jsonl", "--out", tmp_path / "out", check=False, timeout=60)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert str(template) in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_endpoint_map_raises_the_failure_not_a_stopped_worker():
+    """E03/E05/E07 (a regression of 712a647): a 401 from the server, 16 items, 8 in flight. The failing worker now
+    stops the endpoint itself, so other workers' futures end in Stopped before map picks `the first failed future`
+    in submission order: the run then ends in a bare `nanoalign.endpoint.Stopped` traceback instead of the 401's
+    one line (seen in 1 run of 3 to 4 of gen_pairs_chat.py). map must raise the failure, never a Stopped."""
+    from nanoalign.endpoint import Endpoint, EndpointError
+    from tests.fixtures import json_server
+
+    with json_server(lambda path, headers, body: (401, {"error": "bad key"})) as url:
+        endpoint = Endpoint(url + "/chat/completions", "QA_NO_KEY", timeout=5, retries=0, concurrency=8)
+        for _ in range(20):
+            try:
+                endpoint.map(lambda i: endpoint.post({"i": i}), range(16))
+            except EndpointError as e:
+                assert "HTTP 401" in str(e)
+            else:
+                raise AssertionError("no error from a server that answers 401")
