@@ -26,7 +26,8 @@ from nanoalign.errors import InputError
 class _ChunkedTokenLogps(torch.autograd.Function):
     """log_softmax(hidden @ weight.T)[i, targets[i]] without keeping any [chunk, V] logits alive.
 
-    forward keeps only the per-row logsumexp; backward recomputes each chunk's logits from it.
+    forward keeps only the per-row logsumexp; backward recomputes each chunk's logits from it. Each pass holds one
+    [chunk, V] buffer: logsumexp and the gradient are computed in place on the logits.
     Matmuls run in the input dtype, softmax and logsumexp in fp32 (fp64 for fp64 inputs, so gradcheck works).
     """
 
@@ -39,8 +40,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             for s in range(0, n, chunk_size):
                 e = min(s + chunk_size, n)
                 logits = (hidden[s:e] @ weight.T).to(acc)  # [c, V]
-                lse[s:e] = torch.logsumexp(logits, dim=-1)
-                logps[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+                target_logits = logits.gather(1, targets[s:e, None]).squeeze(1)
+                lse[s:e] = _logsumexp_(logits).squeeze(1)  # logits overwritten
+                logps[s:e] = target_logits - lse[s:e]
                 del logits
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size = chunk_size
@@ -69,6 +71,13 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
+
+
+def _logsumexp_(logits):
+    """logsumexp over the last dim, [c, V] -> [c, 1], overwriting logits with exp(logits - rowmax): torch.logsumexp
+    would allocate a second [c, V] buffer (0.6 GB at 1,024 rows of Qwen's vocabulary in fp32)."""
+    rowmax = logits.amax(-1, keepdim=True)
+    return logits.sub_(rowmax).exp_().sum(-1, keepdim=True).log_().add_(rowmax)
 
 
 def _backprop_chunk(grad_logits, h, weight, grad_hidden, grad_weight, s, e):
@@ -100,11 +109,14 @@ class _ChunkedLogpSum(torch.autograd.Function):
                 e = min(s + chunk_size, n)
                 h, t = hidden[s:e], targets[s:e, None]
                 logits = (h @ weight.T).to(acc)  # [c, V]
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [c, 1]
-                total += (logits.gather(1, t) - lse).sum()
-                # d(sum logp)/d logits = onehot(target) - softmax, built in place on the logits buffer
-                grad_logits = logits.sub_(lse).exp_().neg_()
-                grad_logits.scatter_add_(1, t, torch.ones_like(lse))
+                target_logits = logits.gather(1, t)  # [c, 1]
+                rowmax = logits.amax(-1, keepdim=True)  # [c, 1]
+                exp = logits.sub_(rowmax).exp_()  # in place, as in _logsumexp_: one [c, V] buffer
+                norm = exp.sum(-1, keepdim=True)  # [c, 1]
+                total += (target_logits - rowmax - norm.log()).sum()
+                # d(sum logp)/d logits = onehot(target) - softmax, built in place on the same buffer
+                grad_logits = exp.div_(norm).neg_()
+                grad_logits.scatter_add_(1, t, torch.ones_like(norm))
                 _backprop_chunk(grad_logits, h, weight, grad_hidden, grad_weight, s, e)
                 del logits, grad_logits
         ctx.save_for_backward(grad_hidden, grad_weight)
