@@ -8,24 +8,23 @@ The issue's workload (#20 item 13): LoRA r 8 / alpha 16 / dropout 0 on the seven
 + 256 response) tokens, fp32 weights loaded from a bf16 checkpoint on disk (as Qwen2.5-0.5B is stored on the hub),
 no autocast, beta 0.1, the reference = the policy with its adapter off. The per-layer and the embedding / lm_head
 parts separate cleanly, so fewer layers (--layers) with the real vocabulary and hidden sizes show where the memory
-goes without the full model's ~16 GiB; memory at 24 layers is then the 4-layer figure plus 20 x the per-layer slope
-(two runs at different --layers give it).
+goes without the full model's 8-16 GiB; memory at 24 layers is then about the 4-layer figure plus 20 x the
+per-layer slope (two runs at different --layers give it; measured: 7.78 GiB at 24, 7.95 from 4 and 8 layers).
 
-Each case runs in a fresh process (a CPU process's RSS keeps what an earlier case's allocations left). Phases: load
-(the checkpoint into fp32; before it, imports: the libraries' own RSS), setup (LoRA, optimizer; TRL: the trainer), then for each of --steps steps: policy forward
-(trunk + response log-probs), reference forward (no grad, adapter off), backward, optimizer step. Reported per phase:
-peak_gib (CPU: the process's peak RSS in that phase, VmHWM reset through /proc/self/clear_refs at its start; CUDA:
-torch.cuda.max_memory_allocated, reset at its start) and after_gib (RSS or memory_allocated at its end), the
-largest over the steps; saved_gib: what autograd saves for backward from the loss (saved_tensors_hooks around the
-forward passes and the loss, distinct storages), split into saved_activation_gib and saved_parameter_gib (storages
-that are model parameters, held anyway).
+Each case runs in a fresh process (a CPU process's RSS keeps what an earlier case's allocations left). Phases:
+imports (the libraries' own RSS), load (the checkpoint into fp32), setup (LoRA, optimizer; TRL: the trainer), then
+for each of --steps steps: policy forward (trunk + response log-probs), reference forward (no grad, adapter off, and
+the loss), backward, optimizer step. Reported per phase: peak_gib (CPU: the process's peak RSS in that phase,
+VmHWM reset through /proc/self/clear_refs at its start; CUDA: torch.cuda.max_memory_allocated, reset at its start)
+and after_gib (RSS or memory_allocated at its end), the largest over the steps; saved_gib: what autograd saves for
+backward from the loss (saved_tensors_hooks around the forward passes and the loss, distinct storages), split into
+saved_activation_gib and saved_parameter_gib (storages that are model parameters, held anyway).
 
 Case spec: `ours` (train_dpo.py's step with nanoalign's modules) or `peer` (TRL's DPOTrainer.train for --steps
 steps, PEFT LoRA, bf16=False, its phases marked by a forward hook on the backbone and trainer callbacks), then
 +ckpt: activation checkpointing (train_dpo.py --grad-ckpt; TRL's gradient_checkpointing, its DPOConfig default).
 """
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -62,7 +61,8 @@ class Phases:
             status = Path("/proc/self/status").read_text()
             peak, after = (int(re.search(rf"{f}:\s+(\d+) kB", status).group(1)) * 1024 for f in ("VmHWM", "VmRSS"))
         old = self.rows.get(name, {"peak_gib": 0.0, "after_gib": 0.0})
-        self.rows[name] = {"peak_gib": max(old["peak_gib"], peak / 2**30), "after_gib": max(old["after_gib"], after / 2**30)}
+        self.rows[name] = {"peak_gib": max(old["peak_gib"], peak / 2**30),
+                           "after_gib": max(old["after_gib"], after / 2**30)}
         self.start()
 
 
@@ -178,8 +178,8 @@ def run_peer(args, ckpt, phases):
     text = lambda ids: " ".join(f"w{i}" for i in ids)  # noqa: E731
     rows = pairs(args, config)
     b = args.pairs
-    data = [{"prompt": text(rows[j][0]), "chosen": " " + text(rows[j][1][:-1]), "rejected": " " + text(rows[b + j][1][:-1])}
-            for j in range(b)] * args.steps  # TRL appends the EOS itself
+    data = [{"prompt": text(rows[j][0]), "chosen": " " + text(rows[j][1][:-1]),
+             "rejected": " " + text(rows[b + j][1][:-1])} for j in range(b)] * args.steps  # TRL appends the EOS
     cfg = trl.DPOConfig(output_dir=str(args.work / "trl"), per_device_train_batch_size=b, max_steps=args.steps,
                         learning_rate=5e-6, beta=args.beta, bf16=False, gradient_checkpointing=ckpt, report_to=[],
                         save_strategy="no", logging_steps=10**6, max_length=args.prompt_len + args.response_len,
@@ -268,7 +268,8 @@ def main():
             raise SystemExit(f"unknown case {spec!r}: ours or peer, optionally +ckpt")
         flags = ["--layers", args.layers, "--pairs", args.pairs, "--prompt-len", args.prompt_len, "--response-len",
                  args.response_len, "--lora-r", args.lora_r, "--beta", args.beta, "--chunk-size", args.chunk_size,
-                 "--steps", args.steps, "--device", args.device, "--work", args.work, *(["--tiny"] if args.tiny else [])]
+                 "--steps", args.steps, "--device", args.device, "--work", args.work]
+        flags += ["--tiny"] if args.tiny else []
         proc = subprocess.run([sys.executable, __file__, *map(str, flags), "--worker", spec, "--model-dir", model_dir],
                               capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

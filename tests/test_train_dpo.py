@@ -439,6 +439,8 @@ def test_help():
     proc = run_script(SCRIPT, "--help")
     assert proc.returncode == 0
     assert "torchrun" in proc.stdout and "--precompute-ref" in proc.stdout and "--adapter" in proc.stdout
+    help_text = " ".join(proc.stdout.split())  # argparse wraps lines
+    assert "ipo: IPO on per-token log-ratios" in help_text and "R-DPO's alpha" in help_text
 
 
 def test_bf16_base_with_fp32_adapter(setup, tmp_path):
