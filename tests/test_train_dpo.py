@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from nanoalign import toy
 from nanoalign.chat import load_chat
-from nanoalign.data import holdout_and_mix, preference_examples, read_records, step_batches
+from nanoalign.data import (holdout_and_mix, packed_preference_batch, preference_examples, read_records,
+                            step_batches)
 from nanoalign.lora import adapters_disabled, load_adapter, load_merged
 from nanoalign.model import load_model, save_model
 from tests.fixtures import (cached_toy_setup, check_stopped_on_nan, max_weight_diff, read_metrics, read_weights,
@@ -384,6 +385,9 @@ def test_separate_reference_is_frozen_and_ipo_is_per_token(setup, tmp_path, monk
     batch = first_batch(setup, 4, 0.0)
     ids, mask, packing = g["batch_tensors"](batch)
     assert not g["reference_logps"](ids, mask).requires_grad
+    lengths = [len(ex["chosen"]) for ex in batch] + [len(ex["rejected"]) for ex in batch]  # response tokens
+    _, packed_mask, docs, seqs = packed_preference_batch(batch, 1024, setup.chat.pad_id)
+    assert g["batch_lengths"](mask, None).tolist() == g["batch_lengths"](packed_mask, (docs, seqs)).tolist() == lengths
     policy_bytes, _ = saved_for_backward(lambda: g["batch_logps"](model, g["lm_head"], ids, mask, None))
     step_bytes, (_, losses, _, _) = saved_for_backward(lambda: g["dpo_forward"](model, ids, mask, batch, BETA))
     assert policy_bytes > 100_000 and step_bytes - policy_bytes < 1024, (step_bytes, policy_bytes)  # the loss's [b]s
