@@ -59,7 +59,10 @@ FREE = ["max_prompts", "api_key_env", "concurrency", "retries", "timeout", "out"
 args = parser.parse_args()
 one_line_errors(EndpointError)
 
-template = Path(args.template).read_text(encoding="utf-8") if args.template else TEMPLATE
+try:
+    template = Path(args.template).read_text(encoding="utf-8") if args.template else TEMPLATE
+except UnicodeDecodeError as e:
+    raise InputError(f"--template {args.template}: not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
 if "{prompt}" not in template:
     raise InputError(f"--template {args.template}: no {{prompt}} in it to put the prompt in")
 out = Path(args.out)

@@ -28,7 +28,7 @@ from nanoalign.data import (holdout_and_mix, packed_preference_batch, preference
                             read_records, shard, step_batches)
 from nanoalign.errors import InputError
 from nanoalign.lora import adapters_disabled, add_lora, describe, load_adapter, load_merged, save_adapter
-from nanoalign.losses import dpo_loss, dpo_metrics, sequence_logps
+from nanoalign.losses import dpo_loss, dpo_metrics, response_lengths, sequence_logps
 from nanoalign.model import check_vocab, load_model, resolve_model_dir, save_model
 from nanoalign.report import REPORT_TO, open_tracker, require_backend, write_model_card
 from nanoalign.rundir import (add_flags, check_settings, checkpoint, lock_out_dir, settings_from, torch_load_or_none,
@@ -58,9 +58,14 @@ parser.add_argument("--max-prompt-len", type=positive_int, default=None,
 parser.add_argument("--eval-frac", type=fraction, default=0.02, help="share of each source held out, in [0, 1)")
 parser.add_argument("--beta", type=positive_float, default=0.1)
 parser.add_argument("--beta-warmup-steps", type=nonneg_int, default=0, help="ramp beta linearly from beta/N to beta over the first N steps")
-parser.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid")
+parser.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid",
+                    help="sigmoid: DPO; ipo: IPO on per-token log-ratios (each answer's summed log-ratio divided by "
+                         "its response tokens, as TRL does); hinge: SLiC")
 parser.add_argument("--label-smoothing", type=Number(0, 0.5, hi_open=True), default=0.0,
                     help="conservative DPO (sigmoid only): the share of pairs taken as mislabelled, in [0, 0.5)")
+parser.add_argument("--length-penalty", type=nonneg_float, default=0.0,
+                    help="R-DPO's alpha (Park et al. 2024): -log sigmoid(beta * margin + alpha * (|y_w| - |y_l|)), "
+                         "lengths in response tokens, alpha not scaled by beta; sigmoid only; 0 = off")
 parser.add_argument("--margin-clamp", type=nonneg_float, default=0.0,
                     help="clamp the DPO margin (log-ratio difference, before beta) to [-C, C]; 0 = off")
 parser.add_argument("--sft-weight", type=nonneg_float, default=0.0, help="add this x NLL of the chosen responses (keeps chosen log-probs up)")
@@ -124,6 +129,8 @@ if args.data_weights and len(args.data_weights) != len(args.data):
     raise InputError(f"--data-weights has {len(args.data_weights)} values for {len(args.data)} --data sources")
 if args.label_smoothing and args.loss_type != "sigmoid":
     raise InputError("--label-smoothing needs --loss-type sigmoid")
+if args.length_penalty and args.loss_type != "sigmoid":
+    raise InputError("--length-penalty needs --loss-type sigmoid")
 # -----------------------------------------------------------------------------
 
 require_backend(args.report_to)  # before any work
@@ -182,7 +189,8 @@ else:
              targets=args.lora_targets.split(","))
 print0(describe(model))
 model.gradient_checkpointing = args.grad_ckpt
-ref_model = load_model(args.ref, dtype=base_dtype, device=d.device) if args.ref else None
+# frozen: no gradients, no activations kept for backward (it ran under autograd and filled .grad before)
+ref_model = load_model(args.ref, dtype=base_dtype, device=d.device).requires_grad_(False) if args.ref else None
 lm_head = model.lm_head.weight
 
 
@@ -206,6 +214,15 @@ def batch_logps(forward, weight, ids, mask, packing):
                           sequence_ids=seqs, num_sequences=int(seqs.max()) + 1)
 
 
+def batch_lengths(mask, packing):
+    """Response tokens of the 2b sequences, in batch_logps' order: [2b]."""
+    if packing is None:
+        return response_lengths(mask)
+    seqs = packing[1]
+    return response_lengths(mask, seqs, int(seqs.max()) + 1)
+
+
+@torch.no_grad()
 def reference_logps(ids, mask, packing=None):
     """Summed response log-probs under the reference: eval mode, no grad, new adapter off (PITFALLS #4, #9)."""
     was_training = model.training
@@ -303,8 +320,10 @@ def dpo_forward(forward, ids, mask, batch, beta, packing=None):
         ref = torch.tensor([ref_cache[pair_key(ex)] for ex in batch], device=ids.device).T.reshape(-1)
     else:
         ref = reference_logps(ids, mask, packing)
+    lengths = batch_lengths(mask, packing)  # the cache holds sums: ipo's per-token log-ratios divide them here
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta,
-                                                        args.loss_type, args.label_smoothing, args.margin_clamp)
+                                                        args.loss_type, args.label_smoothing, args.margin_clamp,
+                                                        lengths[:b], lengths[b:], args.length_penalty)
     return policy, losses, chosen_rewards, rejected_rewards
 
 

@@ -10,7 +10,7 @@
 # Steps, in priority order (each under `timeout`; a step that would start with too little of the budget left is
 # skipped and says so): install (carried wheels, if .whl/*.whl exist), env, sft, dpo, gen (ours + HF in-process),
 # peer_sft, peer_dpo, reward, sft_real, dpo_real (real-shape SFT packed/padded, UltraFeedback-shaped LoRA DPO),
-# sft_compile, peer_gen; gen15 (the generation workload at 1.5B shapes) only when named:
+# sft_compile, peer_gen, memory (bench_memory.py: LoRA DPO memory by phase, ours and TRL + PEFT); gen15 (the generation workload at 1.5B shapes) only when named:
 #     bash bench/run_all.sh install env gen gen15
 # BENCH_BUDGET_S (default 560) is the whole run's budget.
 # Outputs: $OUT/bench.log (everything), $OUT/results.jsonl (the RESULT lines' JSON), and at the end a summary table
@@ -29,7 +29,7 @@ TINY=()
 if [[ -n "${BENCH_TINY:-}" ]]; then TINY=(--tiny); fi
 STEPS=("$@")
 if (( ${#STEPS[@]} == 0 )); then
-  STEPS=(install env sft dpo gen peer_sft peer_dpo reward sft_real dpo_real sft_compile peer_gen)
+  STEPS=(install env sft dpo gen peer_sft peer_dpo reward sft_real dpo_real sft_compile peer_gen memory)
 fi
 
 note() { echo "== $*" | tee -a "$LOG"; }
@@ -97,8 +97,10 @@ for s in "${STEPS[@]}"; do
     peer_sft)    have_peer peer_sft && run_step peer_sft 180 60 $PY .peer/peer_bench.py sft ;;
     peer_dpo)    have_peer peer_dpo && run_step peer_dpo 180 60 $PY .peer/peer_bench.py dpo ;;
     peer_gen)    have_peer peer_gen && run_step peer_gen 180 70 $PY .peer/peer_bench.py gen ;;
+    memory)      run_step memory 200 60 $PY bench/bench_memory.py "${TINY[@]}" --layers 24 \
+                   --cases "${MEMORY_CASES:-$([[ -n "${BENCH_TINY:-}" ]] && echo ours,ours+ckpt || echo ours,ours+ckpt,peer,peer+ckpt)}" ;;
     peer_all)    have_peer peer_all && run_step peer_all 480 120 $PY .peer/peer_bench.py all ;;
-    *)           note "unknown step $s (install env sft dpo gen gen15 peer_sft peer_dpo reward sft_real dpo_real sft_compile peer_gen peer_all)" ;;
+    *)           note "unknown step $s (install env sft dpo gen gen15 peer_sft peer_dpo reward sft_real dpo_real sft_compile peer_gen memory peer_all)" ;;
   esac
 done
 

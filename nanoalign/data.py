@@ -511,6 +511,9 @@ def split_holdout(examples, frac, seed, key=None):
     evals = [ex for i, ex in enumerate(examples) if i in held]
     held_content = {key(ex) for ex in evals}
     train = [ex for i, ex in enumerate(examples) if i not in held and not (held and key(ex) in held_content)]
+    if not train:  # every training example was a copy of a held-out one
+        raise InputError(f"--eval-frac {frac}: the {n_eval} held-out examples and their copies are all {n} examples "
+                         f"({len(held_content)} distinct): no training example left; lower --eval-frac")
     return train, evals
 
 
@@ -531,16 +534,24 @@ def holdout_and_mix(sources, weights, frac, seed):
 
 def content_key(example):
     """A hashable stand-in for an example's content: {"ids": ..., "mask": ...} and the like, whose lists become
-    tuples and numpy arrays (a tokenised set's views) a 128-bit digest of their bytes; or a plain value."""
-    if isinstance(example, dict):
-        return tuple((k, _hashable(v)) for k, v in sorted(example.items()))
-    return example
+    tuples and numpy arrays (a tokenised set's views) a 128-bit digest of their bytes; or a plain value. Nested rows
+    ({"messages": [{role, content}, ...]}) are taken apart the same way."""
+    return _hashable(example)
 
 
 def _hashable(value):
     if isinstance(value, np.ndarray):
         return hashlib.blake2b(np.ascontiguousarray(value).tobytes(), digest_size=16).digest()
-    return tuple(value) if isinstance(value, list) else value
+    if isinstance(value, dict):
+        return tuple((k, _hashable(v)) for k, v in sorted(value.items()))
+    if isinstance(value, list):
+        flat = tuple(value)  # token ids: the common case, one call
+        try:
+            hash(flat)
+            return flat
+        except TypeError:
+            return tuple(_hashable(v) for v in value)
+    return value
 
 
 def shard(examples, rank, world):

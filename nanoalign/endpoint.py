@@ -199,6 +199,7 @@ class Endpoint:
         items = list(items)
         if not items:
             return []
+
         def run(item):
             try:
                 return fn(item)
@@ -210,10 +211,11 @@ class Endpoint:
         futures = [pool.submit(run, item) for item in items]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = next((f for f in futures if f in done and f.exception() is not None), None)
-            if failed is not None:
+            if any(f.exception() is not None for f in done):
                 self.stop()
-                raise failed.exception()
+                pool.shutdown(wait=True, cancel_futures=True)  # the others end at once, most of them in Stopped
+                errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
+                raise next((e for e in errors if not isinstance(e, Stopped)), errors[0])  # the failure itself
             return [f.result() for f in futures]
         except BaseException:
             self.stop()

@@ -8,7 +8,8 @@ Everything goes through one log-prob function (the `_get_batch_logps` idea of th
     masked_logps    next-token shift + loss mask -> log-probs of the trained tokens only
     sft_loss        -sum(logp) / num_tokens                      (SFT)
     sequence_logps  per-sequence sum of response log-probs       (DPO policy/reference, reward checks)
-    dpo_loss        sigmoid (DPO, cDPO), ipo or hinge loss on those sums
+    response_lengths  per-sequence count of those response tokens  (IPO's per-token log-ratios, R-DPO's penalty)
+    dpo_loss        sigmoid (DPO, cDPO, R-DPO), ipo or hinge loss on those sums
     dpo_metrics     what to log so a falling chosen log-prob is noticed (PITFALLS #8)
 
 The model is called with return_hidden=True and the lm_head weight is passed in here: with Qwen's 151,936-row
@@ -25,7 +26,8 @@ from nanoalign.errors import InputError
 class _ChunkedTokenLogps(torch.autograd.Function):
     """log_softmax(hidden @ weight.T)[i, targets[i]] without keeping any [chunk, V] logits alive.
 
-    forward keeps only the per-row logsumexp; backward recomputes each chunk's logits from it.
+    forward keeps only the per-row logsumexp; backward recomputes each chunk's logits from it. Each pass holds one
+    [chunk, V] buffer: logsumexp and the gradient are computed in place on the logits.
     Matmuls run in the input dtype, softmax and logsumexp in fp32 (fp64 for fp64 inputs, so gradcheck works).
     """
 
@@ -38,8 +40,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             for s in range(0, n, chunk_size):
                 e = min(s + chunk_size, n)
                 logits = (hidden[s:e] @ weight.T).to(acc)  # [c, V]
-                lse[s:e] = torch.logsumexp(logits, dim=-1)
-                logps[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+                target_logits = logits.gather(1, targets[s:e, None]).squeeze(1)
+                lse[s:e] = _logsumexp_(logits).squeeze(1)  # logits overwritten
+                logps[s:e] = target_logits - lse[s:e]
                 del logits
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size = chunk_size
@@ -68,6 +71,13 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
+
+
+def _logsumexp_(logits):
+    """logsumexp over the last dim, [c, V] -> [c, 1], overwriting logits with exp(logits - rowmax): torch.logsumexp
+    would allocate a second [c, V] buffer (0.6 GB at 1,024 rows of Qwen's vocabulary in fp32)."""
+    rowmax = logits.amax(-1, keepdim=True)
+    return logits.sub_(rowmax).exp_().sum(-1, keepdim=True).log_().add_(rowmax)
 
 
 def _backprop_chunk(grad_logits, h, weight, grad_hidden, grad_weight, s, e):
@@ -99,11 +109,14 @@ class _ChunkedLogpSum(torch.autograd.Function):
                 e = min(s + chunk_size, n)
                 h, t = hidden[s:e], targets[s:e, None]
                 logits = (h @ weight.T).to(acc)  # [c, V]
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [c, 1]
-                total += (logits.gather(1, t) - lse).sum()
-                # d(sum logp)/d logits = onehot(target) - softmax, built in place on the logits buffer
-                grad_logits = logits.sub_(lse).exp_().neg_()
-                grad_logits.scatter_add_(1, t, torch.ones_like(lse))
+                target_logits = logits.gather(1, t)  # [c, 1]
+                rowmax = logits.amax(-1, keepdim=True)  # [c, 1]
+                exp = logits.sub_(rowmax).exp_()  # in place, as in _logsumexp_: one [c, V] buffer
+                norm = exp.sum(-1, keepdim=True)  # [c, 1]
+                total += (target_logits - rowmax - norm.log()).sum()
+                # d(sum logp)/d logits = onehot(target) - softmax, built in place on the same buffer
+                grad_logits = exp.div_(norm).neg_()
+                grad_logits.scatter_add_(1, t, torch.ones_like(norm))
                 _backprop_chunk(grad_logits, h, weight, grad_hidden, grad_weight, s, e)
                 del logits, grad_logits
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -225,31 +238,65 @@ def sequence_logps(hidden, weight, input_ids, loss_mask, chunk_size=1024, sequen
     return logps.new_zeros(num_sequences).index_add(0, seq, logps)
 
 
+def response_lengths(loss_mask, sequence_ids=None, num_sequences=None):
+    """Trained (response) tokens of each sequence, counted as sequence_logps sums them: [b] float32, or
+    [num_sequences] for packed rows (sequence_ids [b, t], as in sequence_logps)."""
+    trained = loss_mask[:, 1:].bool()  # [b, t-1]: token i + 1 is a trained target
+    if sequence_ids is None:
+        return trained.sum(1).float()
+    return torch.bincount(sequence_ids[:, 1:][trained], minlength=num_sequences).float()
+
+
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
-             loss_type="sigmoid", label_smoothing=0.0, margin_clamp=0.0):
+             loss_type="sigmoid", label_smoothing=0.0, margin_clamp=0.0, chosen_lengths=None, rejected_lengths=None,
+             length_penalty=0.0):
     """Preference loss on summed sequence log-probs, all [b].
 
-    With logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected):
-      sigmoid  DPO, Rafailov et al. 2023 (arXiv:2305.18290); label_smoothing > 0 is conservative DPO
-               (cDPO, Mitchell 2023, "A note on DPO with noisy preferences"): assumes labels flipped w.p. ls
-      ipo      IPO, Azar et al. 2023 (arXiv:2310.12036), eq. 17: (logits - 1 / (2 beta))^2
+    With the log-ratios r_c = policy_chosen - ref_chosen, r_r = policy_rejected - ref_rejected and the margin
+    logits = r_c - r_r:
+      sigmoid  DPO, Rafailov et al. 2023 (arXiv:2305.18290): -log sigmoid(beta * logits); label_smoothing > 0 is
+               conservative DPO (cDPO, Mitchell 2023, "A note on DPO with noisy preferences"): assumes labels flipped
+               w.p. ls; length_penalty alpha > 0 is R-DPO (Park et al. 2024, arXiv:2403.19159):
+               -log sigmoid(beta * logits + alpha * (|y_c| - |y_r|)), lengths in response tokens, alpha not scaled
+               by beta. It is DPO derived for the objective E[r - alpha |y|] - beta KL, whose implied reward is
+               beta * log-ratio + alpha |y|: a longer chosen answer already explains part of the preference, so
+               the log-ratios need not grow for it (the policy is pushed less towards length).
+      ipo      IPO, Azar et al. 2023 (arXiv:2310.12036), eq. 17: (logits - 1 / (2 beta))^2, on per-token log-ratios
+               (r_c / |y_c| - r_r / |y_r|): TRL's definition, which its code says the IPO authors confirmed is the
+               one behind the paper's results. Summed log-ratios would make the loss grow with answer length.
       hinge    SLiC-HF, Zhao et al. 2023 (arXiv:2305.10425): relu(1 - beta * logits)
-    margin_clamp > 0 clamps logits (the margin, before beta) to [-margin_clamp, margin_clamp]: a pair already
-    that far apart stops pulling (its gradient is 0), which keeps a few easy pairs from running away.
+    margin_clamp > 0 clamps logits (the margin, before beta; per token for ipo) to [-margin_clamp, margin_clamp]: a
+    pair already that far apart stops pulling (its gradient is 0), which keeps a few easy pairs from running away.
 
+    Args:
+        chosen_lengths, rejected_lengths: [b] response tokens of each answer (response_lengths); needed by ipo and
+            by length_penalty.
     Returns:
-        losses [b]; chosen_rewards, rejected_rewards [b] = beta * (policy - ref), detached.
+        losses [b]; chosen_rewards, rejected_rewards [b] = beta * (policy - ref) on the summed log-probs (as TRL
+        logs them for every loss type), detached.
     Raises:
-        ValueError: unknown loss_type, or label_smoothing with a loss other than sigmoid.
+        ValueError: unknown loss_type, label_smoothing or length_penalty with a loss other than sigmoid, or no
+            lengths where they are needed.
     """
-    logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
-    if margin_clamp > 0:
-        logits = logits.clamp(-margin_clamp, margin_clamp)
     if loss_type != "sigmoid" and label_smoothing != 0.0:
         raise InputError(f"--label-smoothing is only defined for loss_type='sigmoid', got {loss_type!r}")
+    if loss_type != "sigmoid" and length_penalty != 0.0:
+        raise InputError(f"--length-penalty (R-DPO) is only defined for loss_type='sigmoid', got {loss_type!r}")
+    if (loss_type == "ipo" or length_penalty) and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError("ipo and length_penalty need chosen_lengths and rejected_lengths")
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps  # [b], summed over the response
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    if loss_type == "ipo":
+        chosen_ratio = chosen_ratio / chosen_lengths.clamp(min=1)  # per response token
+        rejected_ratio = rejected_ratio / rejected_lengths.clamp(min=1)
+    logits = chosen_ratio - rejected_ratio
+    if margin_clamp > 0:
+        logits = logits.clamp(-margin_clamp, margin_clamp)
     if loss_type == "sigmoid":
-        losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
-                  - F.logsigmoid(-beta * logits) * label_smoothing)
+        z = beta * logits
+        if length_penalty:
+            z = z + length_penalty * (chosen_lengths - rejected_lengths)
+        losses = -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
     elif loss_type == "ipo":
         losses = (logits - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":

@@ -109,7 +109,7 @@ def _cell(v):
 KEY_SETTINGS = ["lr", "schedule", "warmup_steps", "min_lr_ratio", "lr_step_every", "lr_step_gamma", "weight_decay",
                 "clip", "epochs", "max_steps", "batch_size", "grad_accum", "max_len", "max_prompt_len", "precision",
                 "beta", "beta_warmup_steps", "margin_clamp", "loss_type", "label_smoothing", "sft_weight",
-                "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "seed"]
+                "length_penalty", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "seed"]
 
 
 def write_model_card(model_dir, *, title, base, data, args, metrics, world=1, steps=None, adapter=False, tags=()):

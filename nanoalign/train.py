@@ -422,9 +422,10 @@ class MetricsLog:
 
 
 def _json_number(v):
-    """Floats rounded to 6 places; NaN/inf become null (JSON has no NaN: a NaN token breaks every JSON reader)."""
+    """Floats kept to 9 significant digits (a float32's full precision, what TensorBoard stores: an lr of 1.25e-7
+    stays 1.25e-07, never 0.0); NaN/inf become null (JSON has no NaN: a NaN token breaks every JSON reader)."""
     if isinstance(v, float):
-        return round(v, 6) if math.isfinite(v) else None
+        return float(f"{v:.9g}") if math.isfinite(v) else None
     return v
 
 

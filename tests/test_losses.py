@@ -7,7 +7,8 @@ from torch.testing import assert_close
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nanoalign.losses import dpo_loss, dpo_metrics, masked_logps, sequence_logps, sft_loss, token_logp_sum, token_logps
+from nanoalign.losses import (dpo_loss, dpo_metrics, masked_logps, response_lengths, sequence_logps, sft_loss,
+                              token_logp_sum, token_logps)
 
 
 def reference_logps(hidden, weight, targets):
@@ -145,6 +146,20 @@ def test_sft_loss_backward_runs_no_matmul():
     assert no_grad.count == 3
 
 
+@pytest.mark.parametrize("fn", [token_logps, token_logp_sum])
+def test_one_chunk_buffer_at_a_time(fn):
+    """The forward holds one [chunk, V] fp32 buffer: logsumexp and the softmax gradient are computed in place on
+    the logits (torch.logsumexp made a second one: 0.58 GiB more at 1,024 rows of Qwen's vocabulary)."""
+    from tests.fixtures import peak_rss_rise
+    hidden, weight, targets = random_inputs(n=512, d=16, V=50_000)  # a [512, 50000] fp32 chunk: 97.7 MiB
+    hidden.requires_grad_()
+    buffer = 512 * 50_000 * 4
+    rise, out = peak_rss_rise(lambda: fn(hidden, weight, targets, chunk_size=512))
+    assert rise < 1.5 * buffer, rise / buffer
+    assert_close(out, reference_logps(hidden.detach(), weight, targets).sum() if out.dim() == 0 else
+                 reference_logps(hidden.detach(), weight, targets))
+
+
 def test_token_logp_sum_bf16_autocast_close_to_fp32():
     hidden, weight, targets = random_inputs(n=12, d=16, V=50)
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -259,24 +274,45 @@ def test_sft_loss_rejects_empty_mask():
 
 
 def example_logps():
-    # policy chosen -1.0, ref chosen -2.0, policy rejected -3.0, ref rejected -2.5: logits = 2 - 0.5 = 1.5
+    # policy chosen -1.0, ref chosen -2.0, policy rejected -3.0, ref rejected -2.5: logits = 1 - (-0.5) = 1.5
     return torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5])
 
 
-@pytest.mark.parametrize("loss_type, label_smoothing, expected", [
-    ("sigmoid", 0.0, 0.620957),  # -logsigmoid(0.15) = ln(1 + e^-0.15)
-    ("sigmoid", 0.1, 0.635957),  # 0.9 ln(1 + e^-0.15) + 0.1 ln(1 + e^0.15) = 0.620957 + 0.1 * 0.15
-    ("ipo", 0.0, 12.250000),     # (1.5 - 1 / 0.2)^2 = (-3.5)^2
-    ("hinge", 0.0, 0.850000),    # relu(1 - 0.15)
+LENGTHS = dict(chosen_lengths=torch.tensor([4.0]), rejected_lengths=torch.tensor([2.0]))  # response tokens
+
+
+@pytest.mark.parametrize("loss_type, label_smoothing, length_penalty, expected", [
+    ("sigmoid", 0.0, 0.0, 0.620957),   # -logsigmoid(0.15) = ln(1 + e^-0.15)
+    ("sigmoid", 0.1, 0.0, 0.635957),   # 0.9 ln(1 + e^-0.15) + 0.1 ln(1 + e^0.15) = 0.620957 + 0.1 * 0.15
+    ("ipo", 0.0, 0.0, 20.250000),      # per-token log-ratios: 1 / 4 - (-0.5 / 2) = 0.5; (0.5 - 1 / 0.2)^2 = (-4.5)^2
+    ("hinge", 0.0, 0.0, 0.850000),     # relu(1 - 0.15)
+    ("sigmoid", 0.0, 0.05, 0.575939),  # R-DPO: ln(1 + e^-(0.15 + 0.05 * (4 - 2))) = ln(1 + e^-0.25)
+    ("sigmoid", 0.1, 0.05, 0.600939),  # R-DPO + cDPO: 0.9 ln(1 + e^-0.25) + 0.1 ln(1 + e^0.25) = 0.575939 + 0.1 * 0.25
 ])
-def test_dpo_loss_by_hand(loss_type, label_smoothing, expected):
+def test_dpo_loss_by_hand(loss_type, label_smoothing, length_penalty, expected):
     losses, chosen, rejected = dpo_loss(*example_logps(), beta=0.1, loss_type=loss_type,
-                                        label_smoothing=label_smoothing)
+                                        label_smoothing=label_smoothing, length_penalty=length_penalty, **LENGTHS)
     assert_close(losses, torch.tensor([expected]), atol=1e-6, rtol=0)
+    # the rewards are the summed log-ratios times beta, whatever the loss (TRL logs the same for ipo)
     assert_close(chosen, torch.tensor([0.100000]), atol=1e-6, rtol=0)     # 0.1 * (-1 - -2)
     assert_close(rejected, torch.tensor([-0.050000]), atol=1e-6, rtol=0)  # 0.1 * (-3 - -2.5)
 
 
+def test_length_penalty_favours_the_shorter_chosen_answer():
+    """R-DPO adds alpha (|y_c| - |y_r|) inside the sigmoid, unscaled by beta: a pair whose chosen answer is the
+    shorter one keeps pulling harder (its loss and gradient grow), a longer chosen one pulls less."""
+    pc, pr, rc, rr = example_logps()
+    pc.requires_grad_()
+    short = dict(chosen_lengths=torch.tensor([2.0]), rejected_lengths=torch.tensor([4.0]))
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, length_penalty=0.05, **short)
+    assert_close(losses, torch.tensor([0.668460]), atol=1e-6, rtol=0)  # ln(1 + e^-(0.15 - 0.1))
+    losses.sum().backward()
+    assert_close(pc.grad, torch.tensor([-0.1 / (1 + math.exp(0.05))]))  # -beta * sigmoid(-z), z = 0.05
+    pc.grad = None
+    dpo_loss(pc, pr, rc, rr, beta=0.1, length_penalty=0.05, **LENGTHS)[0].sum().backward()
+    assert_close(pc.grad, torch.tensor([-0.1 / (1 + math.exp(0.25))]))  # z = 0.25: a smaller pull
+    # alpha 0 is plain DPO, with or without lengths
+    assert_close(dpo_loss(pc, pr, rc, rr, length_penalty=0.0, **short)[0], dpo_loss(pc, pr, rc, rr)[0])
 def test_dpo_loss_is_ln2_when_policy_equals_reference():
     chosen, rejected = torch.tensor([-12.3, -4.0, -50.0]), torch.tensor([-7.1, -9.9, -50.0])
     losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, chosen.clone(), rejected.clone(), beta=0.5)
@@ -296,8 +332,94 @@ def test_dpo_rewards_are_detached_and_loss_differentiable():
 def test_dpo_loss_rejects_bad_options():
     with pytest.raises(ValueError):
         dpo_loss(*example_logps(), loss_type="kto")
-    with pytest.raises(ValueError):
-        dpo_loss(*example_logps(), loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="--label-smoothing"):
+        dpo_loss(*example_logps(), loss_type="ipo", label_smoothing=0.1, **LENGTHS)
+    with pytest.raises(ValueError, match="--length-penalty"):
+        dpo_loss(*example_logps(), loss_type="hinge", length_penalty=0.1, **LENGTHS)
+    with pytest.raises(ValueError, match="need chosen_lengths"):  # per-token log-ratios need the lengths
+        dpo_loss(*example_logps(), loss_type="ipo")
+    with pytest.raises(ValueError, match="need chosen_lengths"):
+        dpo_loss(*example_logps(), length_penalty=0.1)
+
+
+def test_response_lengths_count_what_sequence_logps_sums():
+    _, _, _, loss_mask = make_batch()
+    assert response_lengths(loss_mask).tolist() == [4.0, 4.0, 4.0]
+    # packed: row 0 holds sequences 0 (trained 2) and 1 (trained 1); row 1 holds sequence 2 (trained 3); a
+    # sequence's first token is never a target (it starts a document), so a trained token there is not counted
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 0, 1, 1, 1, 0]])
+    seqs = torch.tensor([[0, 0, 0, 1, 1, 1], [2, 2, 2, 2, 2, 3]])
+    assert response_lengths(mask, seqs, 4).tolist() == [2.0, 2.0, 3.0, 0.0]
+
+
+# The batch of test_dpo_losses_match_trl: 2 pairs, rows chosen 0, chosen 1, rejected 0, rejected 1, with 4, 2, 3
+# and 5 response tokens; per-token log-probs -(row + 1) * (position + 1) / 8 on the shifted targets.
+TRL_MASK = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+TRL_TOKEN_LOGPS = -torch.arange(1, 5.)[:, None] * torch.arange(1, 6.)[None] / 8 * TRL_MASK[:, 1:]  # [4, 5]
+TRL_REF = torch.tensor([-2.0, -1.0]), torch.tensor([-3.5, -4.0])  # chosen, rejected
+# TRL 1.16.0's loss on that batch (beta 0.1), DPOTrainer._compute_loss as trl_losses() below calls it
+TRL_LOSSES = {"sigmoid": 0.6097805500030518, "ipo": 22.726987838745117, "hinge": 0.824999988079071}
+
+
+def trl_losses(tmp_path):
+    """DPOTrainer._compute_loss of the installed TRL on the batch above: a real trainer (tiny model, precomputed
+    reference), the policy's per-token log-probs given by a stand-in model. -> ({loss_type: loss}, rewards)."""
+    from types import SimpleNamespace
+
+    import tokenizers
+    import transformers
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from tests.conftest import make_hf_model_dir
+
+    class GivenLogps(torch.nn.Module):
+        def forward(self, **kwargs):
+            zeros = torch.zeros(TRL_TOKEN_LOGPS.shape)
+            return SimpleNamespace(log_probs=TRL_TOKEN_LOGPS, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(),
+                                   log_sum_sq_probs=None)
+
+    model_dir = make_hf_model_dir(tmp_path / "hf")
+    vocab = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "<pad>": 1}, unk_token="a"))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", eos_token="<pad>")
+    inputs = dict(input_ids=torch.zeros(4, 6, dtype=torch.long), attention_mask=torch.ones(4, 6, dtype=torch.long),
+                  completion_mask=TRL_MASK, ref_chosen_logps=TRL_REF[0], ref_rejected_logps=TRL_REF[1])
+    losses, rewards = {}, None
+    for loss_type in TRL_LOSSES:
+        args = DPOConfig(output_dir=str(tmp_path / "out"), loss_type=[loss_type], beta=0.1, report_to=[],
+                         precompute_ref_log_probs=True, use_cpu=True)
+        trainer = DPOTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(model_dir), args=args,
+                             train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "a", "rejected": "a"}] * 2),
+                             processing_class=tokenizer)
+        losses[loss_type] = trainer._compute_loss(GivenLogps(), inputs, return_outputs=False).item()
+        rewards = {k: trainer._metrics["eval"][f"rewards/{k}"][-1] for k in ("chosen", "rejected")}
+    return losses, rewards
+
+
+def test_dpo_losses_match_trl(tmp_path):
+    """Our losses on TRL's batch equal TRL's: IPO on per-token log-ratios (by hand: chosen (0.25 / 4, -1.25 / 2),
+    rejected (-1 / 3, -3.5 / 5), margins 0.395833 and 0.075, losses (0.395833 - 5)^2 = 21.198351 and
+    (0.075 - 5)^2 = 24.255625, mean 22.726988; the summed log-ratios gave 10.8125), the rewards on summed ones."""
+    lengths = response_lengths(TRL_MASK)
+    assert lengths.tolist() == [4.0, 2.0, 3.0, 5.0]
+    logps = TRL_TOKEN_LOGPS.sum(1)  # [-1.75, -2.25, -4.5, -7.5]
+    ours = {}
+    for loss_type in TRL_LOSSES:
+        losses, chosen, rejected = dpo_loss(logps[:2], logps[2:], *TRL_REF, beta=0.1, loss_type=loss_type,
+                                            chosen_lengths=lengths[:2], rejected_lengths=lengths[2:])
+        ours[loss_type] = losses.mean().item()
+    assert ours["ipo"] == pytest.approx(22.726988, abs=1e-5)
+    assert ours == pytest.approx(TRL_LOSSES, rel=1e-6)
+    assert chosen.mean().item() == pytest.approx(-0.05) and rejected.mean().item() == pytest.approx(-0.225)
+
+
+def test_trl_figures_are_trls_own(tmp_path):
+    """TRL_LOSSES recomputed by the installed TRL (CI installs no trl: this one is skipped there, the figures above
+    still checked), and TRL's logged rewards: beta times the summed log-ratios, for ipo too."""
+    trl = pytest.importorskip("trl")
+    live, rewards = trl_losses(tmp_path)
+    assert live == pytest.approx(TRL_LOSSES, rel=1e-6), trl.__version__
+    assert rewards == pytest.approx({"chosen": -0.05, "rejected": -0.225}, rel=1e-6)
 
 
 def test_dpo_metrics():

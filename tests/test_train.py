@@ -150,7 +150,44 @@ def test_metrics_stay_valid_json(tmp_path):
     def no_constants(token):
         raise AssertionError(token)
     assert json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=no_constants) == dict(
-        step=1, loss=None, grad_norm=None, lr=0.333333, skipped=True)
+        step=1, loss=None, grad_norm=None, lr=0.333333333, skipped=True)
+
+
+def test_metrics_keep_significant_digits_and_agree_with_tensorboard(tmp_path):
+    """Small values keep their significant digits (rounding to 6 decimal places logged recipe A's StepLR lrs, a late
+    cosine lr and a tiny gradient norm as 0.0), so metrics.jsonl, the plots drawn from it and TensorBoard (float32
+    scalars) show the same numbers."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nanoalign.plot import read_metrics
+    from nanoalign.report import open_tracker
+    from nanoalign.train import lr_at
+    step_lrs = [lr_at(s, 30, 5e-7, schedule="step", step_every=10) for s in (0, 10, 20)]
+    assert step_lrs == [5e-7, 2.5e-7, 1.25e-7]
+    late_cosine = lr_at(999, 1000, 5e-6)  # 5e-6 * (1 + cos(0.999 pi)) / 2
+    assert late_cosine == pytest.approx(1.2337e-11, rel=1e-4)
+    rows = [dict(step=1, lr=step_lrs[0], grad_norm=3.2e-7, loss=0.6931471805599453),
+            dict(step=2, lr=step_lrs[1], grad_norm=123456.789012, loss=float("-inf")),
+            dict(step=3, lr=step_lrs[2], grad_norm=1 / 3, loss=float("nan")),
+            dict(step=4, lr=late_cosine, grad_norm=0.0, loss=2.0)]
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    tracker = open_tracker("tensorboard", tmp_path, {})
+    for row in rows:
+        log.log(**row)
+        tracker.log(row["step"], row)
+    tracker.close()
+
+    logged = read_metrics(tmp_path)
+    assert [r["lr"] for r in logged] == [5e-7, 2.5e-7, 1.25e-7, float(f"{late_cosine:.9g}")]
+    assert [r["grad_norm"] for r in logged] == [3.2e-7, 123456.789, 0.333333333, 0.0]
+    assert [r["loss"] for r in logged] == [0.693147181, None, None, 2.0]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    for key in ("lr", "grad_norm", "loss"):
+        board = {e.step: e.value for e in events.Scalars(key)}
+        for r in logged:
+            if r[key] is not None:  # TensorBoard keeps float32: the same number once rounded to float32
+                assert torch.tensor(r[key], dtype=torch.float32).item() == board[r["step"]], (key, r, board)
 
 
 def test_metrics_rows_without_a_step_are_damaged_rows(tmp_path, capsys):

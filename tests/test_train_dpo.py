@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from nanoalign import toy
 from nanoalign.chat import load_chat
-from nanoalign.data import holdout_and_mix, preference_examples, read_records, step_batches
+from nanoalign.data import (holdout_and_mix, packed_preference_batch, preference_examples, read_records,
+                            step_batches)
 from nanoalign.lora import adapters_disabled, load_adapter, load_merged
 from nanoalign.model import load_model, save_model
 from tests.fixtures import (cached_toy_setup, check_stopped_on_nan, max_weight_diff, read_metrics, read_weights,
@@ -60,14 +61,14 @@ def dpo(setup, out, *args, nproc=1, check=True):
                       "--save-every", 0, *args, nproc=nproc, check=check)
 
 
-def splits(setup, eval_frac, seed=0):
+def splits(setup, eval_frac, seed=0, prefs=None):
     """The script's train / eval pairs, rebuilt here with the data functions (default max lengths)."""
-    examples, _ = preference_examples(read_records(setup.prefs), setup.chat, 1024, 512)
+    examples, _ = preference_examples(read_records(prefs or setup.prefs), setup.chat, 1024, 512)
     return holdout_and_mix([examples], [1.0], eval_frac, seed)
 
 
-def first_batch(setup, batch_size, eval_frac, seed=0):
-    train_set, _ = splits(setup, eval_frac, seed)
+def first_batch(setup, batch_size, eval_frac, seed=0, prefs=None):
+    train_set, _ = splits(setup, eval_frac, seed, prefs)
     lengths = [len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) for ex in train_set]
     (idx,) = next(step_batches(lengths, batch_size, 1, 0, 1, seed))
     return [train_set[i] for i in idx]
@@ -327,6 +328,107 @@ def test_sft_term_and_loss_types(setup, small, tmp_path):
         assert rows[1]["loss"] < expected, loss_type  # one step in the right direction
 
 
+def saved_for_backward(fn):
+    """(bytes of the distinct storages autograd saves for backward while fn() runs, fn's result)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+def graph_leaves(loss):
+    """The tensors the backward of `loss` accumulates gradients into (its AccumulateGrad nodes)."""
+    seen, todo, leaves = set(), [loss.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        todo += [n for n, _ in node.next_functions]
+    return leaves
+
+
+def test_separate_reference_is_frozen_and_ipo_is_per_token(setup, tmp_path, monkeypatch):
+    """--ref: the reference is frozen (eval mode, no .grad after a step) and the loss's graph reaches none of its
+    tensors: a step saves for backward what the policy forward saves, nothing more (it used to backpropagate through
+    the whole reference, filling .grad on every reference tensor and keeping its activations). Run in-process, as
+    `python train_dpo.py`, to look at the script's objects after one step. With a reference other than the policy
+    the first IPO loss is not 25: it is the per-token log-ratios' (each answer's summed log-ratio / its length)."""
+    import runpy
+    import sys
+    ref_dir = tmp_path / "ref"
+    ref = load_model(setup.model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("mlp.down_proj.weight"):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    save_model(ref, ref_dir, tokenizer_from=setup.model)
+    argv = ["train_dpo.py", "--model", setup.model, "--data", setup.prefs, "--out", tmp_path / "out", *FP32,
+            "--save-every", 0, "--ref", ref_dir, "--loss-type", "ipo", "--max-steps", 1, "--batch-size", 4,
+            "--eval-frac", 0]
+    monkeypatch.setattr(sys, "argv", [str(a) for a in argv])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the script sets its one-line hook
+    g = runpy.run_path(str(Path(__file__).resolve().parents[1] / SCRIPT), run_name="__main__")
+
+    ref_model, model = g["ref_model"], g["model"]
+    assert not ref_model.training
+    assert all(not p.requires_grad and p.grad is None for p in ref_model.parameters())
+    trainable = {id(p) for n, p in model.named_parameters() if ".adapters.default." in n}
+    leaves = graph_leaves(g["loss"])
+    assert leaves and {id(t) for t in leaves} <= trainable  # the adapter's weights only
+    batch = first_batch(setup, 4, 0.0)
+    ids, mask, packing = g["batch_tensors"](batch)
+    assert not g["reference_logps"](ids, mask).requires_grad
+    lengths = [len(ex["chosen"]) for ex in batch] + [len(ex["rejected"]) for ex in batch]  # response tokens
+    _, packed_mask, docs, seqs = packed_preference_batch(batch, 1024, setup.chat.pad_id)
+    assert g["batch_lengths"](mask, None).tolist() == g["batch_lengths"](packed_mask, (docs, seqs)).tolist() == lengths
+    policy_bytes, _ = saved_for_backward(lambda: g["batch_logps"](model, g["lm_head"], ids, mask, None))
+    step_bytes, (_, losses, _, _) = saved_for_backward(lambda: g["dpo_forward"](model, ids, mask, batch, BETA))
+    assert policy_bytes > 100_000 and step_bytes - policy_bytes < 1024, (step_bytes, policy_bytes)  # the loss's [b]s
+
+    # the first step's IPO loss, from plain logits of the two models
+    policy = plain_logps(load_model(setup.model).eval(), batch)
+    reference = plain_logps(load_model(ref_dir).eval(), batch)
+    lengths = torch.tensor([[len(ex["chosen"]), len(ex["rejected"])] for ex in batch], dtype=torch.float64)
+    per_token = (policy - reference) / lengths  # [b, 2]
+    expected = ((per_token[:, 0] - per_token[:, 1] - 1 / (2 * BETA)) ** 2).mean().item()
+    summed = (((policy - reference) @ torch.tensor([1.0, -1.0], dtype=torch.float64) - 1 / (2 * BETA)) ** 2).mean()
+    assert abs(expected - summed.item()) > 0.1 and abs(expected - 25) > 0.1  # the test tells the three apart
+    assert read_metrics(tmp_path / "out")[0]["loss"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_length_penalty_is_r_dpo_and_recorded(setup, tmp_path):
+    """--length-penalty alpha: at step 0 (policy = reference, margin 0) the loss is the mean over the first batch of
+    -log sigmoid(alpha * (|y_w| - |y_l|)), lengths in response tokens; the setting is recorded in run_settings.json
+    (a resume with another alpha stops) and shown in the model card; other loss types refuse it."""
+    rng, rows = random.Random(3), []
+    for i in range(40):  # toy pairs whose chosen (even rows) or rejected (odd rows) answer is a sentence
+        pair = toy.preference_pair(rng)
+        answer = pair[("chosen", "rejected")[i % 2]][-1]
+        answer["content"] = f"The answer is {answer['content']}."
+        rows.append(pair)
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    out = tmp_path / "rdpo"
+    args = ("--data", prefs, "--max-steps", 1, "--batch-size", 4, "--eval-frac", 0)
+    run_script(SCRIPT, "--model", setup.model, "--out", out, *FP32, *args, "--length-penalty", 0.05)
+    batch = first_batch(setup, 4, 0.0, prefs=prefs)
+    diff = torch.tensor([len(ex["chosen"]) - len(ex["rejected"]) for ex in batch], dtype=torch.float64)
+    assert (diff > 0).any() and (diff < 0).any(), diff  # longer chosen and longer rejected answers
+    expected = -F.logsigmoid(0.05 * diff).mean().item()
+    assert read_metrics(out)[0]["loss"] == pytest.approx(expected, abs=1e-6)
+    assert abs(expected - LN2) > 1e-3
+    assert json.loads((out / "run_settings.json").read_text())["--length-penalty"] == 0.05
+    assert "| length_penalty | `0.05` |" in (out / "final" / "README.md").read_text()
+    proc = run_script(SCRIPT, "--model", setup.model, "--out", out, *FP32, *args, "--length-penalty", 0.1, check=False)
+    assert proc.returncode != 0 and "--length-penalty 0.1 (was 0.05)" in last_line(proc.stderr), proc.stderr[-2000:]
+
+
 def test_missing_field_names_file_and_line(setup, tmp_path):
     rows = [toy.preference_pair(random.Random(i)) for i in range(4)]
     del rows[2]["rejected"]
@@ -341,6 +443,8 @@ def test_help():
     proc = run_script(SCRIPT, "--help")
     assert proc.returncode == 0
     assert "torchrun" in proc.stdout and "--precompute-ref" in proc.stdout and "--adapter" in proc.stdout
+    help_text = " ".join(proc.stdout.split())  # argparse wraps lines
+    assert "ipo: IPO on per-token log-ratios" in help_text and "R-DPO's alpha" in help_text
 
 
 def test_bf16_base_with_fp32_adapter(setup, tmp_path):
@@ -398,6 +502,7 @@ def test_prompt_budget_defaults_to_half_of_max_len(setup, tmp_path):
     (("--batch-size", 200, "--grad-accum", 2),
      "334 pairs are fewer than one global batch (--batch-size x --grad-accum x world size)"),
     (("--loss-type", "ipo", "--label-smoothing", 0.1), "--label-smoothing needs --loss-type sigmoid"),
+    (("--loss-type", "hinge", "--length-penalty", 0.1), "--length-penalty needs --loss-type sigmoid"),
 ])
 def test_argument_errors_name_the_flags(setup, tmp_path, args, message):
     """An argument error is one line in the user's flag words, and comes before any training output."""
