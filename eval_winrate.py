@@ -98,7 +98,9 @@ out = Path(args.out)
 lock_out_dir(out, device)
 # every other flag defines the verdicts on disk: recorded, and a rerun with another value stops (README "Runs that
 # survive")
-check_settings(out, settings_from(args, FREE, unused=unused_reward_flags(args.reward)), args.overwrite)
+check_settings(out, settings_from(args, FREE, unused=unused_reward_flags(args.reward),  # and what is at model paths
+                                  files=["model_a", "adapter_a", "model_b", "adapter_b", "responses_b", "tokenizer",
+                                         "reward", "reward_tokenizer"]), args.overwrite)
 # checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
                          check=prompt_check(args.reward))

@@ -103,7 +103,8 @@ lock_out_dir(out, device)
 # every other flag defines the samples on disk: recorded, and a rerun with another value stops (README "Runs that
 # survive")
 unused = ([] if args.policy_url else ["policy_model"]) + unused_reward_flags(args.reward)
-check_settings(out, settings_from(args, FREE, unused=unused), args.overwrite)
+check_settings(out, settings_from(args, FREE, unused=unused,  # models also recorded by what is at their paths
+                                  files=["model", "adapter", "tokenizer", "reward", "reward_tokenizer"]), args.overwrite)
 # checked before anything is loaded or sampled: a prompt the reward cannot grade fails now, named by file:line
 prompts = prompt_records(read_records(args.prompts, args.prompts_split, args.prompts_config), args.max_prompts,
                          check=prompt_check(args.reward))

@@ -144,6 +144,7 @@ lock_out_dir(out, d.device)
 check_settings(out, settings_from(
     args, FREE, unused=([] if args.schedule == "step" else ["lr_step_every", "lr_step_gamma"])
     + (["max_steps", "epochs"] if args.schedule == "constant" else ["epochs"] if args.max_steps else ["max_steps"]),
+    files=["model", "adapter", "tokenizer", "data", "ref"],  # also recorded by what is at their paths
     **{"global batch (--batch-size x --grad-accum x ranks)": args.batch_size * args.grad_accum * d.world}),
     args.overwrite, keep=["ref_logps.pt"], resume=args.resume)  # ref_logps.pt: reused while its fingerprint holds
 tracker = open_tracker(args.report_to, args.out, vars(args), d.is_main)

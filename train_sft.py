@@ -121,6 +121,7 @@ lock_out_dir(out, d.device)
 check_settings(out, settings_from(
     args, FREE, unused=([] if args.lora else ["lora_r", "lora_alpha", "lora_dropout", "lora_targets"])
     + (["max_steps", "epochs"] if args.schedule == "constant" else ["epochs"] if args.max_steps else ["max_steps"]),
+    files=["model", "tokenizer", "data"],  # also recorded by what is at their paths: retrained or edited is another
     **{"global batch (--batch-size x --grad-accum x ranks)": args.batch_size * args.grad_accum * d.world}),
     args.overwrite, resume=args.resume)
 tracker = open_tracker(args.report_to, args.out, vars(args), d.is_main)

@@ -13,6 +13,7 @@
 """
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -235,19 +236,41 @@ def _normalise(value):
     return value
 
 
-def settings_from(args, free, unused=(), **extra):
+def settings_from(args, free, unused=(), files=(), **extra):
     """The record of a run: {'--flag': value} for every flag of `args` (argparse dests) but those in `free` (they do
     not change what is computed), those in `unused` (they do not apply to this run, as --lora-r without --lora: which
     one applies follows from recorded flags) and those an `extra` entry records in another form (the flags named in
     its key, as in 'global batch (--batch-size x --grad-accum x ranks)'); then the `extra` entries. A flag is
-    recorded unless it is declared free."""
-    unknown = (set(free) | set(unused)) - set(vars(args))
+    recorded unless it is declared free. Each recorded flag in `files` (a model, adapter or data path) that names
+    local files is recorded a second time by what is there: a digest of its files' sizes and times, so a model dir
+    retrained in place, or a data file edited, under the same path is another setting."""
+    unknown = (set(free) | set(unused) | set(files)) - set(vars(args))
     assert not unknown, f"not flags of this script: {sorted(unknown)}"
     covered = {flag for key in extra for flag in re.findall(r"--([a-z][a-z0-9-]*)", key)}
     settings = {f"--{name.replace('_', '-')}": value for name, value in vars(args).items()
                 if name not in free and name not in unused and name.replace("_", "-") not in covered}
     settings.update(extra)
+    for name in files:
+        flag, value = f"--{name.replace('_', '-')}", getattr(args, name)
+        paths = value if isinstance(value, list) else [value]
+        if flag in settings and paths and all(isinstance(v, (str, Path)) and Path(v).exists() for v in paths):
+            stamps = [_files_stamp(v) for v in paths]
+            settings[flag + FILES] = stamps if isinstance(value, list) else stamps[0]
     return {k: _normalise(v) for k, v in settings.items()}
+
+
+FILES = " files (digest of sizes and times)"  # the key suffix of what settings_from records of a path's files
+
+
+def _files_stamp(path):
+    """A short digest of the (name, size, mtime) of every file at `path` (a file, or a dir's files but hidden ones,
+    at any depth): rewriting a file changes it, reading does not."""
+    path = Path(path)
+    found = [path] if path.is_file() else sorted(
+        f for f in path.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    listing = [(f.relative_to(path).as_posix() if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+               for f in found]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 REPLACING = ".replacing"  # an --overwrite under way: the earlier run's files, until renamed to replaced-<time>/
@@ -284,9 +307,11 @@ def _differences(settings, recorded):
     """'--flag new (was recorded), ...' for each setting whose recorded value differs ('(not recorded)' where the
     record lacks it: the flag did not apply then, or an older version did not record it); '' when none does.
     Recorded flags that this run leaves out (free now, or not applying) are not compared: the flags that decide
-    whether they apply are."""
+    whether they apply are. A files digest an older record lacks is no difference (older versions recorded paths
+    only): the run goes on, and records it from now on."""
     return ", ".join(f"{k} {v!r} " + (f"(was {recorded[k]!r})" if k in recorded else "(not recorded)")
-                     for k, v in settings.items() if k not in recorded or recorded[k] != v)
+                     for k, v in settings.items()
+                     if k in recorded and recorded[k] != v or k not in recorded and not k.endswith(FILES))
 
 
 def _backup_dir(out):

@@ -152,6 +152,64 @@ def test_a_rerun_with_another_recorded_value_stops(monkeypatch, tmp_path, script
 
 
 # -----------------------------------------------------------------------------
+# A model retrained in place, or a data file edited, under the same path is another setting
+
+def rewrite(path, text):
+    """Write `text` to `path` as a retraining or an edit would: a new file, with a later mtime."""
+    old = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(text)
+    os.utime(path, ns=(old + 10**9, old + 10**9))
+
+
+@pytest.mark.parametrize("script,flag,result", [
+    # the QA replay's S01: eval of sft/final, SFT redone into the same --out, the same eval again: 3 of 12 answers
+    # came from the old model, and one summary mixed both
+    ("eval_winrate.py", "--model-a", "per_prompt.jsonl"),
+    # S02: the same with gen_synthetic.py --model: pairs built from both models' samples
+    ("gen_synthetic.py", "--model", "samples.jsonl"),
+    # S03: SFT killed, its --data file edited, then --resume auto went on over the new data without a word
+    ("train_sft.py", "--data", "metrics.jsonl"),
+    ("train_dpo.py", "--adapter", "metrics.jsonl"),
+])
+def test_files_changed_under_the_same_path_are_another_setting(monkeypatch, tmp_path, script, flag, result):
+    model = tmp_path / "model"
+    model.mkdir()
+    rewrite(model / "model.safetensors", "weights of the first training")
+    data = tmp_path / "data.jsonl"
+    rewrite(data, '{"messages": []}\n')
+    given = {"--model-a": model, "--model": model, "--data": data, "--adapter": model}[flag]
+    out = tmp_path / "out"
+    until_recorded(monkeypatch, script, out, flag, given)
+    (out / result).write_text('{"prompt_id": "p0", "step": 1}\n')
+    recorded = json.loads((out / SETTINGS).read_text())
+    until_recorded(monkeypatch, script, out, flag, given)  # read, not changed: the same run goes on
+    target = data if flag == "--data" else model / "model.safetensors"
+    rewrite(target, "weights of the second training" if target != data else '{"messages": [], "x": 1}\n')
+    before = files(out)
+    message = refusal(monkeypatch, script, out, flag, given)
+    key = f"{flag}{rundir.FILES}"
+    assert message.startswith(f"{out} holds a run with other settings: {key} ") and "(was " in message, message
+    assert f"(was {recorded[key]!r})" in message and files(out) == before
+
+
+def test_an_older_record_without_files_digests_is_taken_and_completed(monkeypatch, tmp_path):
+    """Records written before the digests existed hold paths only: the run goes on (its files are taken for what
+    made the results), and the record gains the digests."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_text("weights")
+    out = tmp_path / "out"
+    until_recorded(monkeypatch, "gen_synthetic.py", out, "--model", model)
+    (out / "samples.jsonl").write_text('{"prompt_id": "p0"}\n')
+    record = json.loads((out / SETTINGS).read_text())
+    older = {k: v for k, v in record.items() if not k.endswith(rundir.FILES)}
+    assert len(older) == len(record) - 1
+    (out / SETTINGS).write_text(json.dumps(older))
+    until_recorded(monkeypatch, "gen_synthetic.py", out, "--model", model)
+    assert json.loads((out / SETTINGS).read_text()) == record
+
+
+# -----------------------------------------------------------------------------
 # Results without a readable record are refused, not taken for a fresh start
 
 def test_results_without_a_readable_record_are_refused(monkeypatch, tmp_path):
