@@ -297,13 +297,14 @@ def test_round2_on_an_adapter_trained_with_dropout_starts_at_ln2(setup, tmp_path
 
 def test_precompute_notices_a_retrained_adapter(setup, learned, small, tmp_path):
     """The cache is keyed by the weights under the new adapter: a retrained round-1 adapter at the same path must
-    not reuse the old reference (step 0 would then not be ln 2)."""
+    not reuse the old reference (step 0 would then not be ln 2). (The run's record names the adapter's files too, so
+    the rerun needs --overwrite, which leaves ref_logps.pt in place: it checks its own fingerprint.)"""
     r1 = tmp_path / "r1"
     shutil.copytree(learned.out / "final", r1)
     args = ("--adapter", r1, "--max-steps", 1, "--batch-size", 4, "--eval-frac", 0, "--precompute-ref")
     dpo(setup, tmp_path / "r2", *args)
     shutil.copy(small / "big" / "final" / "adapter_model.safetensors", r1 / "adapter_model.safetensors")
-    proc = dpo(setup, tmp_path / "r2", *args)
+    proc = dpo(setup, tmp_path / "r2", *args, "--overwrite")
     assert "stale" in proc.stdout, proc.stdout
     rows = read_metrics(tmp_path / "r2")  # the rerun started at step 0 again: its row replaced the first run's
     assert len(rows) == 1 and rows[0]["loss"] == pytest.approx(LN2, abs=1e-5)
