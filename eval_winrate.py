@@ -33,11 +33,11 @@ from nanoalign.chat import load_chat
 from nanoalign.completions import HttpPolicy, PolicyServerError, add_policy_args, policy_from_args
 from nanoalign.data import prompt_records, read_records
 from nanoalign.endpoint import is_score_or_none
-from nanoalign.engine import generate
+from nanoalign.engine import check_context, generate
 from nanoalign.errors import InputError
 from nanoalign.jsonl import ShardedJsonl, has_fields, write_json
 from nanoalign.lora import load_merged
-from nanoalign.model import check_vocab
+from nanoalign.model import check_vocab, load_config
 from nanoalign.pages import write_eval_report
 from nanoalign.preferences import BOOTSTRAP, answer_lengths, length_controlled, win_rate
 from nanoalign.reward import (RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args,
@@ -133,11 +133,13 @@ if args.responses_b:  # keyed like the prompts: the row's prompt_id, else a hash
 if todo:
     chat = load_chat(args.tokenizer or args.model_a)
     dtype = DTYPES[args.precision]
+    prompt_ids = [chat.render_prompt(messages)[-args.max_prompt_len:] for _, messages in todo]
 
     def policy(model, adapters, url):
         """The local model (adapters merged), or the completions server serving it (key from $OPENAI_API_KEY)."""
         if url:
             return policy_from_args(args, url, model, chat.stop_ids, out / "policy_cache.jsonl")
+        check_context(load_config(model), max(map(len, prompt_ids)) + args.max_new_tokens)  # before loading it
         local = load_merged(model, adapters, dtype=dtype, device=device)
         check_vocab(chat.vocab_size, local.config, args.tokenizer or args.model_a, model)
         return local
@@ -166,11 +168,11 @@ if todo:
         chunk = todo[start:start + args.batch_size]
         ids = [pid for pid, _ in chunk]
         conversations = [messages for _, messages in chunk]
-        prompt_ids = [chat.render_prompt(m)[-args.max_prompt_len:] for m in conversations]
+        chunk_ids = prompt_ids[start:start + args.batch_size]
         t0 = time.time()
-        answers_a = answer(model_a, prompt_ids, ids)
+        answers_a = answer(model_a, chunk_ids, ids)
         if model_b is not None:
-            answers_b = answer(model_b, prompt_ids, ids)
+            answers_b = answer(model_b, chunk_ids, ids)
         else:  # stored text: its length by our tokenizer, its ending unknown
             answers_b = [(stored[pid], len(chat.encode(stored[pid])), None) for pid in ids]
         t1 = time.time()

@@ -34,10 +34,10 @@ from nanoalign.chat import load_chat
 from nanoalign.completions import PolicyServerError, add_policy_args, policy_from_args
 from nanoalign.data import prompt_records, read_records
 from nanoalign.endpoint import is_score_or_none
-from nanoalign.engine import Engine
+from nanoalign.engine import Engine, check_context
 from nanoalign.jsonl import ShardedJsonl, has_fields, write_json, write_jsonl
 from nanoalign.lora import load_merged
-from nanoalign.model import check_vocab
+from nanoalign.model import check_vocab, load_config
 from nanoalign.pages import write_pairs_report
 from nanoalign.preferences import best_worst_pair, pair_lengths, text_similarity
 from nanoalign.reward import (RewardError, RewardServerError, add_reward_args, prompt_check, reward_from_args,
@@ -92,6 +92,10 @@ FREE = ["max_prompts", "batch_size", "eager", "policy_concurrency", "policy_retr
         "drop_empty", "drop_truncated", "out", "overwrite", "device"]
 args = parser.parse_args()
 one_line_errors(RewardServerError, PolicyServerError, RewardError)
+if args.num_samples > 1 and (args.temperature == 0 or args.top_k == 1):
+    parser.error(f"{'--temperature 0' if args.temperature == 0 else '--top-k 1'} with --num-samples "
+                 f"{args.num_samples}: greedy decoding gives every sample of a prompt the same answer, so no pair "
+                 f"could form")
 # -----------------------------------------------------------------------------
 
 d = setup_distributed(args.device)
@@ -175,8 +179,10 @@ def score_and_write(ready):
 if todo:
     dtype = DTYPES[args.precision]
     chat = load_chat(args.tokenizer or args.model)
-    reward = reward_from_args(args, device, out / "reward_cache.jsonl", dtype)
     prompt_ids = [chat.render_prompt(messages)[-args.max_prompt_len:] for _, messages in todo]
+    if not args.policy_url:  # before any model is loaded
+        check_context(load_config(args.model), max(map(len, prompt_ids)) + args.max_new_tokens)
+    reward = reward_from_args(args, device, out / "reward_cache.jsonl", dtype)
     progress = Progress(len(todo), "prompts", enabled=d.is_main, unit="prompts")
     sampled_at = time.time()  # the prompts of each score_and_write were sampled since then
     ready = []

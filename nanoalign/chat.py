@@ -19,6 +19,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from nanoalign.errors import InputError
+from nanoalign.jsonl import read_json
 
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -84,7 +85,7 @@ def read_chat_template(model_dir) -> str | None:
     model_dir = Path(model_dir)
     config = model_dir / "tokenizer_config.json"
     if config.exists():
-        template = json.loads(config.read_text()).get("chat_template")
+        template = read_json(config).get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if template:
@@ -239,11 +240,11 @@ class Chat:
         (out_dir / "chat_template.jinja").write_text(template)
         config_file = out_dir / "tokenizer_config.json"
         if config_file.exists():
-            config = json.loads(config_file.read_text())
+            config = read_json(config_file)
             config.update(chat_template=template, eos_token=IM_END)
             config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         gen_file = out_dir / "generation_config.json"
-        gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+        gen = read_json(gen_file) if gen_file.exists() else {}
         gen.update(eos_token_id=list(self.stop_ids), pad_token_id=self.pad_id)
         gen_file.write_text(json.dumps(gen, indent=2) + "\n")
 

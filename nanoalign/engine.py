@@ -18,8 +18,22 @@ from collections import deque
 
 import torch
 
+from nanoalign.errors import InputError
 from nanoalign.model import KVCache
 from nanoalign.sampling import sample_next, stream_key
+
+
+def check_context(config, positions):
+    """A KV cache of `positions` (the longest prompt plus max_new_tokens) must fit the model's context (config
+    max_position_embeddings): the scripts check it before loading the weights, the Engine before its allocation.
+
+    Raises:
+        InputError: naming --max-new-tokens and --max-prompt-len, the flags that set it.
+    """
+    if positions > config.max_position_embeddings:
+        raise InputError(f"the longest prompt plus --max-new-tokens need {positions} positions, more than the "
+                         f"model's context of {config.max_position_embeddings} (max_position_embeddings in its "
+                         f"config.json): lower --max-new-tokens (or --max-prompt-len)")
 
 
 class Engine:
@@ -28,7 +42,8 @@ class Engine:
     Args:
         model: CausalLM (LoRA-wrapped layers fine), in its dtype and device.
         slots: sequences decoded together (the decode batch).
-        max_len: KV cache length per slot: the longest prompt plus its max_new_tokens must fit.
+        max_len: KV cache length per slot: the longest prompt plus its max_new_tokens must fit, and it must fit the
+            model's context (config max_position_embeddings; InputError naming --max-new-tokens otherwise).
         stop_ids: ids that end a row (pass both <|im_end|> and <|endoftext|> for Qwen, PITFALLS #2).
         temperature, top_k, top_p, vocab_limit: see nanoalign.sampling.sample_next.
         sync_every: decode steps between two looks of the host at the finished flags (the only syncs).
@@ -41,6 +56,7 @@ class Engine:
 
     def __init__(self, model, slots, max_len, stop_ids, temperature=1.0, top_k=0, top_p=1.0, vocab_limit=None,
                  sync_every=8, compile=None, min_span=256, prefill_tokens=16384, pad_id=0):
+        check_context(model.config, max_len)  # before the cache is allocated: 10^9 new tokens asked for 1.6 TB
         param = next(model.parameters())
         self.model, self.device, self.slots, self.max_len = model, param.device, slots, max_len
         self.sync_every, self.min_span, self.prefill_tokens, self.pad_id = sync_every, min_span, prefill_tokens, pad_id
@@ -188,7 +204,9 @@ def generate(model, prompts, max_new_tokens, stop_ids, pad_id=0, temperature=1.0
     seed = int(torch.randint(2 ** 62, ())) if seed is None else seed
     keys = range(len(prompts)) if keys is None else keys
     slots = min(batch_size or len(prompts), len(prompts))
-    max_len = 1 << (max(len(p) + m for p, m in zip(prompts, budgets)) - 1).bit_length()  # a power of two
+    need = max(len(p) + m for p, m in zip(prompts, budgets))
+    # a power of two (a later call with other lengths may reuse the engine), cut to the model's context
+    max_len = max(need, min(1 << (need - 1).bit_length(), model.config.max_position_embeddings))
     engine = _engine(model, slots, max_len, stop_ids, dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                                            vocab_limit=vocab_limit, pad_id=pad_id, **engine_kw))
     results = [None] * len(prompts)

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from nanoalign.errors import InputError
 from nanoalign.jsonl import read_json
-from nanoalign.model import check_finite, load_model, read_safetensors, resolve_model_dir
+from nanoalign.model import FIELD_CHECKS, check_finite, load_model, read_safetensors, resolve_model_dir
 from nanoalign.rundir import atomic_path, write_text
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -286,17 +286,41 @@ def _peft_matches(module_name, target_modules) -> bool:
 
 
 def read_adapter_config(adapter_dir) -> dict:
-    """adapter_config.json, checked: LoRA, and none of the options we do not implement."""
+    """adapter_config.json, checked: LoRA, none of the options we do not implement, and the fields we use of the
+    right type and range (as ModelConfig.from_hf checks config.json), so `"r": "eight"` is one line naming the file
+    and field, not a shape error blamed on the weights."""
     config_file = Path(adapter_dir) / CONFIG_FILE
     if not config_file.exists():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {adapter_dir}")
     config = read_json(config_file)
+    if not isinstance(config, dict):
+        raise InputError(f"{config_file}: a JSON {type(config).__name__}, not an object")
     if config.get("peft_type") != "LORA":
         raise InputError(f"{config_file}: peft_type {config.get('peft_type')!r} is not 'LORA'")
     unsupported = {k: config[k] for k in UNSUPPORTED if config.get(k) not in (None, False, "none", {}, [])}
     if unsupported:
         raise InputError(f"{config_file}: unsupported LoRA option(s) {unsupported}")
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in config]
+    if missing:
+        raise InputError(f"{config_file}: missing field(s) {missing}")
+    checks = {"r": FIELD_CHECKS[int], "lora_alpha": FIELD_CHECKS[float],
+              "lora_dropout": (lambda v: v is None or type(v) in (int, float) and 0 <= v < 1, "a number in [0, 1)"),
+              "target_modules": (_is_target_modules, "a non-empty list of module names or a regular expression")}
+    for field, (ok, want) in checks.items():
+        if not ok(config.get(field)):
+            raise InputError(f"{config_file}: field {field!r} must be {want}, got {config.get(field)!r}")
     return config
+
+
+def _is_target_modules(value) -> bool:
+    """PEFT's target_modules: a list of module names, or one regular expression matched against whole names."""
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(t, str) for t in value)
+    try:
+        re.compile(value)
+    except (re.error, TypeError):
+        return False
+    return True
 
 
 def load_adapter(model, path, name=None, trainable=False) -> list:

@@ -13,7 +13,6 @@ raises RewardError naming the item, the endpoint's reply is asked again and the 
     scores = rm.score([[{"role": "user", "content": "2+2?"}]], ["4"], ids=["q0"])
 """
 import inspect
-import json
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn as nn
 from nanoalign import toy
 from nanoalign.chat import compile_chat_template, load_chat, read_chat_template
 from nanoalign.errors import InputError
+from nanoalign.jsonl import read_json
 from nanoalign.endpoint import MAX_ABS_SCORE, NEMOTRON_REWARD, NVIDIA_BASE_URL, EndpointError, HttpReward, is_score
 from nanoalign.train import DTYPES, nonneg_int, positive_int, timeout_seconds
 from nanoalign.model import (Decoder, ModelConfig, check_finite, load_weights, read_safetensors_dir,
@@ -130,7 +130,7 @@ class RuleReward:
 def special_tokens(model_dir) -> dict:
     """bos_token, eos_token, ... of tokenizer_config.json as strings: what a chat template may refer to."""
     config = Path(model_dir) / "tokenizer_config.json"
-    d = json.loads(config.read_text()) if config.exists() else {}
+    d = read_json(config) if config.exists() else {}
     tokens = {}
     for name in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
         value = d.get(name)
@@ -176,7 +176,7 @@ class LocalRewardModel:
                  max_len=4096, padding_side="right"):
         assert padding_side in ("left", "right"), f"padding_side must be 'left' or 'right', got {padding_side!r}"
         model_dir = resolve_model_dir(path_or_hub_id)
-        d = json.loads((model_dir / "config.json").read_text())
+        d = read_json(model_dir / "config.json")
         arch = (d.get("architectures") or [None])[0]
         if arch not in SEQ_CLS_ARCHITECTURES:
             raise InputError(f"{model_dir}: architecture {arch!r} is not a reward model "

@@ -9,9 +9,10 @@ On disk, <cache_dir>/sft-<fingerprint>/ holds ids.npy [tokens] int32, mask.npy [
 the tokenizer (its whole tokenizer.json), the default system prompt, the rendering code (chat.py, data.py) and the
 settings (max_len, truncation), so any change rebuilds and a rerun or another rank only loads. The directory is
 written under a temporary name and renamed into place: a killed build leaves no half cache behind (and the next
-build removes what it left). A cache damaged anyway (a file cut or garbled, stats.json gone) fails a cheap check on
-load and is rebuilt: it is disposable. Loaded with mmap, the token arrays live once in the page cache, shared by all
-ranks on a node: 5 bytes a token, against ~49 bytes a token in every rank for Python lists of ints.
+build removes what it left). A cache damaged anyway (a file cut or garbled, stats.json gone, an id the tokenizer
+does not have) fails a cheap check on load and is rebuilt: it is disposable. Loaded with mmap, the token arrays live
+once in the page cache, shared by all ranks on a node: 5 bytes a token, against ~49 bytes a token in every rank for
+Python lists of ints.
 
 Under torchrun local rank 0 builds while holding <cache_dir>/.sft-<fingerprint>.lock; the other ranks wait for the
 finished cache by polling the file system, not in a collective, so a build may take longer than the process-group
@@ -89,9 +90,11 @@ class TokenizedSet:
                 raise
 
     @classmethod
-    def load(cls, path):
-        """Memory-map a saved set, checked cheaply first: the files parse, and the arrays' shapes, dtypes and
-        offsets agree with each other and with stats.json. A damaged set raises ValueError saying what is wrong."""
+    def load(cls, path, vocab_size=None):
+        """Memory-map a saved set, checked cheaply first: the files parse, the arrays' shapes, dtypes and offsets
+        agree with each other and with stats.json, and every id is in [0, vocab_size) (the tokenizer's size; one
+        pass over ids, read as uint32 so a negative id counts as huge). A damaged set raises ValueError saying what
+        is wrong."""
         path = Path(path)
         try:
             stats = json.loads((path / "stats.json").read_text())
@@ -104,6 +107,8 @@ class TokenizedSet:
                  and stats.get("tokens") == len(ids) and stats.get("kept") == len(offsets) - 1)
         if not sound:
             raise ValueError(f"{path}: its arrays and stats.json do not agree")
+        if vocab_size is not None and len(ids) and int(ids.view(np.uint32).max()) >= vocab_size:
+            raise ValueError(f"{path}: ids.npy holds ids outside the tokenizer's {vocab_size} tokens")
         return cls(ids, mask, offsets, stats=stats)
 
 
@@ -161,7 +166,7 @@ def sft_dataset(source, split, config, chat, max_len, truncation, cache_dir, is_
     try:
         while True:
             try:
-                return TokenizedSet.load(path)
+                return TokenizedSet.load(path, chat.vocab_size)
             except ValueError as e:
                 damage = e if path.exists() else None
             if lock is not None and lock.take():  # the builder, and no other process is building this cache
@@ -173,7 +178,7 @@ def sft_dataset(source, split, config, chat, max_len, truncation, cache_dir, is_
                                                                if int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1
                                                                else ""), flush=True)
                 build_sft(read_records(source, split, config), chat, max_len, truncation).save(path)
-                return TokenizedSet.load(path)
+                return TokenizedSet.load(path, chat.vocab_size)
             if lock is not None and not said:
                 print(f"waiting for another process that is building {path}", flush=True)
                 said = True

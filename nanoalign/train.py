@@ -46,15 +46,39 @@ def setup_distributed(device_name=None) -> Dist:
     A rank waits in a collective at most $NANOALIGN_DIST_TIMEOUT seconds (default 1800; torch's NCCL default is
     600) for the others, then fails. Work one rank does alone while the others wait in a collective must fit it:
     what can take longer (building the token cache) is waited for through the file system instead."""
-    cuda = torch.cuda.is_available() if device_name is None else device_name.startswith("cuda")
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
                                (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    cuda = torch.cuda.is_available() if device_name is None else check_device(device_name).type == "cuda"
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=dist_timeout())
     return Dist(rank, local_rank, world, device)
+
+
+def check_device(name) -> torch.device:
+    """--device, checked once before any work: a device string torch knows, and for CUDA a GPU that is visible
+    (an InputError naming the flag, not torch's `Invalid device string` or `no attribute '_cuda_setDevice'`)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None else
+                   f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "no GPU or no driver")
+            raise InputError(f"--device {name}: no CUDA GPU is visible ({why})")
+        if (device.index or 0) >= count:
+            raise InputError(f"--device {name}: only {count} CUDA GPU(s) visible")
+    elif device.type != "cpu":  # mps, xpu, ...: a tensor there tells whether this machine has one
+        try:
+            torch.empty(0, device=device)
+        except Exception:
+            raise InputError(f"--device {name}: torch cannot use a {device.type} device on this machine") from None
+    return device
 
 
 def dist_timeout():

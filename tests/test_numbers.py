@@ -1,7 +1,8 @@
 """Numbers that are not numbers never pass for results: weights holding a NaN or inf are refused where a model is
 loaded (policy, reference, adapters, merged; reward models in test_reward.py), a reward score that is NaN, inf or
 beyond ±1e6 is asked again and then stops the run, a cached score gets the checks a fresh one gets, and
-config.json's numbers are checked by type. Also which names are sent to the hub: none that looks like a path."""
+config.json's and adapter_config.json's fields are checked by type. Also which names are sent to the hub: none that
+looks like a path."""
 import hashlib
 import json
 import random
@@ -181,6 +182,33 @@ def test_config_numbers_are_checked_by_type(toy_model, tmp_path, field, value, w
     with pytest.raises(InputError) as error:
         load_config(model_dir)
     assert str(error.value) == f"{model_dir / 'config.json'}: field '{field}' must be {want}, got {value!r}"
+
+
+@pytest.fixture(scope="module")
+def adapter(toy_model, tmp_path_factory):
+    model = load_model(toy_model)
+    add_lora(model, "a", r=8, alpha=16)
+    return save_adapter(model, "a", tmp_path_factory.mktemp("adapter") / "a")
+
+
+@pytest.mark.parametrize("field, value, want", [
+    ("r", "eight", "an integer >= 1"),  # was blamed on adapter_model.safetensors: "model and r=eight expect ..."
+    ("r", 8.0, "an integer >= 1"),
+    ("lora_alpha", "16", "a finite number > 0"),
+    ("lora_alpha", float("nan"), "a finite number > 0"),
+    ("lora_dropout", 1.5, "a number in [0, 1)"),
+    ("target_modules", 7, "a non-empty list of module names or a regular expression"),  # was a TypeError
+    ("target_modules", [], "a non-empty list of module names or a regular expression"),
+    ("target_modules", "q_proj(", "a non-empty list of module names or a regular expression"),  # was re.error
+])
+def test_adapter_config_fields_are_checked_by_type(toy_model, adapter, tmp_path, field, value, want):
+    """adapter_config.json's fields as config.json's: one line naming the file and the field, before any tensor."""
+    bad = shutil.copytree(adapter, tmp_path / "bad")
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(InputError) as error:
+        load_adapter(load_model(toy_model), bad)
+    assert str(error.value) == f"{bad / 'adapter_config.json'}: field '{field}' must be {want}, got {value!r}"
 
 
 def test_a_name_that_looks_like_a_path_is_never_sent_to_the_hub(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -410,6 +411,41 @@ def test_nonsense_flags_stop_before_any_request(toy_setup, tmp_path):
                           f"error: argument {flag}: must be " in (proc.stderr.splitlines() or [""])[-1])
             requests.clear()
     assert seen == {flag: (2, 0, False, False, True) for flag in runs}, seen
+
+
+def test_what_the_scripts_meet_after_parsing_is_one_line(toy_setup, tmp_path):
+    """The QA replay of the fault campaign (issue #19) saw tracebacks or silence here; each is one line now, the five
+    commands run side by side. A cut tokenizer_config.json (the chat template's file) was a JSONDecodeError; --device
+    cuda without a GPU `no attribute '_cuda_setDevice'`, --device gpu0 `Invalid device string`; --max-new-tokens
+    1000000000 a 1.6 TB KV cache (`can't allocate`); --temperature 0 with --num-samples 3 exit 0, every sample the same
+    answer and no pair."""
+    model = shutil.copytree(toy_setup.model, tmp_path / "model")
+    config = model / "tokenizer_config.json"
+    config.write_text(config.read_text()[:40])
+    prompts = ("--prompts", toy_setup.sft, "--max-prompts", 2, "--reward", "toy", "--max-new-tokens", 4, *FP32)
+    evaluate = ("eval_winrate.py", "--model-b", toy_setup.model, *prompts)
+    runs = {"cut": (*evaluate, "--model-a", model),
+            "context": (*evaluate, "--model-a", toy_setup.model, "--max-new-tokens", 10 ** 9),
+            "cuda": ("train_dpo.py", "--model", toy_setup.model, "--data", toy_setup.prefs, *FP32, "--device", "cuda"),
+            "gpu0": ("gen_synthetic.py", "--model", toy_setup.model, *prompts, "--device", "gpu0"),
+            "greedy": ("gen_synthetic.py", "--model", toy_setup.model, *prompts, "--temperature", 0,
+                       "--num-samples", 3)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # no GPU, on any machine
+    procs = {case: subprocess.Popen([sys.executable, *map(str, argv), "--out", tmp_path / case], cwd=ROOT, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for case, argv in runs.items()}
+    seen = {case: (proc.wait(timeout=120), last_line(proc.stderr.read())) for case, proc in procs.items()}
+    assert seen["cut"][0] == 1 and re.match(f"error: {re.escape(str(config))}:\\d+: malformed JSON: ",
+                                            seen["cut"][1]), seen
+    assert seen["context"][0] == 1 and re.fullmatch(
+        r"error: the longest prompt plus --max-new-tokens need 10000000\d\d positions, more than the model's context "
+        r"of 512 \(max_position_embeddings in its config.json\): lower --max-new-tokens \(or --max-prompt-len\)",
+        seen["context"][1]), seen
+    assert seen["cuda"][0] == 1 and seen["cuda"][1].startswith("error: --device cuda: no CUDA GPU is visible ("), seen
+    assert seen["gpu0"] == (1, "error: --device 'gpu0' is not a device (e.g. cpu, cuda, cuda:1)"), seen
+    assert seen["greedy"] == (2, "gen_synthetic.py: error: --temperature 0 with --num-samples 3: greedy decoding "
+                                 "gives every sample of a prompt the same answer, so no pair could form"), seen
+    assert not any((tmp_path / case).exists() for case in ("cuda", "gpu0", "greedy"))  # refused before any work
 
 
 # -----------------------------------------------------------------------------

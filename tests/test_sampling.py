@@ -280,6 +280,22 @@ def test_edge_cases(model):
         top_k_top_p_filter(torch.zeros(1, 3), 0, 0.0)
 
 
+def test_cache_past_the_models_context_is_refused_before_it_is_allocated(model, greedy, monkeypatch):
+    """The KV cache holds prompt + max_new_tokens positions: past the model's context (max_position_embeddings) it is
+    one InputError naming --max-new-tokens, before any allocation (--max-new-tokens 1000000000 asked for 1.6 TB).
+    Up to the context it runs: generate's power-of-two cache length is cut to the context, not refused."""
+    monkeypatch.setattr(model.config, "max_position_embeddings", 40)
+    monkeypatch.delattr(model, "_nanoalign_engine", raising=False)  # one made for the real context, kept by generate
+    outs = generate(model, PROMPTS, 40 - len(PROMPTS[2]), (), PAD, temperature=0)  # 40 positions, not 64
+    assert [len(o) for o in outs] == [28] * 3 and [o[:N_NEW] for o in outs] == greedy
+    for new in (40 - len(PROMPTS[2]) + 1, 10 ** 9):
+        with pytest.raises(InputError) as error:
+            generate(model, PROMPTS, new, (), PAD, temperature=0)
+        assert str(error.value) == (f"the longest prompt plus --max-new-tokens need {len(PROMPTS[2]) + new} positions, "
+                                    f"more than the model's context of 40 (max_position_embeddings in its "
+                                    f"config.json): lower --max-new-tokens (or --max-prompt-len)")
+
+
 def test_generate_texts(tmp_path):
     from nanoalign.chat import load_chat
     from nanoalign.toy import build_tokenizer

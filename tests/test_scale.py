@@ -219,9 +219,9 @@ def test_dpo_resumes_on_two_ranks(toy, tmp_path):
 
 def test_damaged_cache_is_rebuilt_and_leftovers_removed(toy, chat, tmp_path, monkeypatch, capsys):
     """Each damage a kill, a full disk or a person leaves (ids.npy cut in half, offsets.npy emptied, stats.json cut
-    or deleted, a garbled header, an offsets array of another set) fails the check on load and the cache is rebuilt,
-    the same as before. They used to give `mmap length is greater than file size`, EOFError, JSONDecodeError and
-    `Directory not empty`. Temporary dirs of builds killed on this host are removed by the next build."""
+    or deleted, a garbled header, an offsets array of another set, an id the tokenizer does not have) fails the check
+    on load and the cache is rebuilt, the same as before. They used to give `mmap length is greater than file size`,
+    EOFError, JSONDecodeError, `Directory not empty` and (the ids) an IndexError in training. Temporary dirs of builds killed on this host are removed by the next build."""
     cache = tmp_path / "cache"
     builds = []
     monkeypatch.setattr(tokenized, "build_sft", lambda *a, **k: builds.append(1) or build_sft(*a, **k))
@@ -235,10 +235,16 @@ def test_damaged_cache_is_rebuilt_and_leftovers_removed(toy, chat, tmp_path, mon
         data = (path / name).read_bytes()
         (path / name).write_bytes(data[:len(data) // 2])
 
+    def id_at_7(value):  # a valid ids.npy of the right shape and dtype: training indexed past the embedding with it
+        ids = want["ids"].copy()
+        ids[7] = value
+        np.save(path / "ids.npy", ids)
+
     damages = {"ids.npy cut": lambda: cut("ids.npy"), "offsets.npy 0 bytes": lambda: (path / "offsets.npy").write_bytes(b""),
                "stats.json cut": lambda: cut("stats.json"), "stats.json deleted": lambda: (path / "stats.json").unlink(),
                "mask.npy garbled": lambda: (path / "mask.npy").write_bytes(b"\x93NUMPY garbage" * 8),
-               "other offsets": lambda: np.save(path / "offsets.npy", np.asarray(other.offsets))}
+               "other offsets": lambda: np.save(path / "offsets.npy", np.asarray(other.offsets)),
+               "an id past the tokenizer": lambda: id_at_7(chat.vocab_size), "a negative id": lambda: id_at_7(-1)}
     for i, (name, damage) in enumerate(damages.items()):
         damage()
         ds = sft_dataset(toy.sft, "train", None, chat, 2048, "drop", cache)
