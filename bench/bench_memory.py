@@ -9,7 +9,7 @@ The issue's workload (#20 item 13): LoRA r 8 / alpha 16 / dropout 0 on the seven
 no autocast, beta 0.1, the reference = the policy with its adapter off. The per-layer and the embedding / lm_head
 parts separate cleanly, so fewer layers (--layers) with the real vocabulary and hidden sizes show where the memory
 goes without the full model's 8-16 GiB; memory at 24 layers is then about the 4-layer figure plus 20 x the
-per-layer slope (two runs at different --layers give it; measured: 7.78 GiB at 24, 7.95 from 4 and 8 layers).
+per-layer slope (two runs at different --layers give it; measured: 7.11 GiB at 24, 7.18 from 4 and 8 layers).
 
 Each case runs in a fresh process (a CPU process's RSS keeps what an earlier case's allocations left). Phases:
 imports (the libraries' own RSS), load (the checkpoint into fp32), setup (LoRA, optimizer; TRL: the trainer), then

@@ -20,6 +20,7 @@ import shutil
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
@@ -458,8 +459,9 @@ class CausalLM(nn.Module):
 # -----------------------------------------------------------------------------
 # Loading and saving HF-format dirs
 
-def read_safetensors_dir(model_dir) -> dict:
-    """All tensors of an HF dir: one `model.safetensors`, or the shards listed in `model.safetensors.index.json`."""
+def read_safetensors_dir(model_dir) -> "StoredTensors":
+    """All tensors of an HF dir, read when taken: one `model.safetensors`, or the shards listed in
+    `model.safetensors.index.json`."""
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
@@ -468,12 +470,53 @@ def read_safetensors_dir(model_dir) -> dict:
         shards = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
-    tensors = {}
     for shard in shards:
         if not (model_dir / shard).exists():
             raise FileNotFoundError(f"{model_dir / shard} is listed in {index.name} but missing")
-        tensors.update(read_safetensors(model_dir / shard))
-    return tensors
+    return StoredTensors([model_dir / shard for shard in shards])
+
+
+class StoredTensors:
+    """The tensors of safetensors files by name, each read from disk (pread, no file mapping) when popped: a
+    checkpoint converted to another dtype holds one stored tensor at a time, not the whole file (a bf16 file
+    mapped beside its fp32 copy was half the model again), and nothing keeps the file's pages resident."""
+
+    def __init__(self, files):
+        self.file, self.shape = {}, {}
+        for path in files:
+            with open_safetensors(path) as f:
+                for name in f.keys():
+                    self.file[name], self.shape[name] = path, tuple(f.get_slice(name).get_shape())
+
+    def __contains__(self, name):
+        return name in self.file
+
+    def __iter__(self):
+        return iter(list(self.file))
+
+    def discard(self, name):
+        """Leave `name` unread (a tied lm_head's stored copy)."""
+        self.file.pop(name, None)
+        self.shape.pop(name, None)
+
+    def pop(self, name):
+        """The tensor, read now; afterwards it is no longer here."""
+        path = self.file.pop(name)
+        del self.shape[name]
+        with open_safetensors(path) as f:
+            try:
+                return f.get_tensor(name)
+            except Exception as e:  # SafetensorError: the file was cut or changed since it was opened
+                raise InputError(f"{path}: tensor {name!r} is unreadable, truncated or damaged? ({e})") from None
+
+
+def open_safetensors(path):
+    """safe_open reading by pread, with a truncated or foreign file named in one line instead of a
+    SafetensorError."""
+    try:
+        return safe_open(str(path), framework="pt", backend="pread")
+    except Exception as e:  # SafetensorError: header too small / incomplete metadata / invalid JSON in header
+        raise InputError(f"{path}: not a readable safetensors file, truncated or damaged? ({e})") from None
 
 
 def read_safetensors(path) -> dict:
@@ -491,21 +534,22 @@ def check_vocab(tokenizer_size: int, config: ModelConfig, tokenizer_name, model_
                          f"{config.vocab_size} embedding rows (vocab_size): they do not belong together")
 
 
-def load_weights(module: nn.Module, tensors: dict, source, dtype, device, optional=()):
-    """Copy `tensors` into `module` by name, with a clear error for a missing, unexpected or misshapen tensor."""
+def load_weights(module: nn.Module, tensors: "StoredTensors", source, dtype, device, optional=()):
+    """Move `tensors` into `module` by name, with a clear error for a missing, unexpected or misshapen tensor.
+    Each is read, converted to `dtype` on `device` and its stored copy freed before the next is read."""
     expected = dict(module.state_dict())
     for name, want in expected.items():
         if name not in tensors:
             if name in optional:
                 continue
             raise InputError(f"{source}: missing tensor {name!r}")
-        if tensors[name].shape != want.shape:
-            raise InputError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+        if tensors.shape[name] != tuple(want.shape):
+            raise InputError(f"{source}: tensor {name!r} has shape {tensors.shape[name]}, "
                              f"config expects {tuple(want.shape)}")
     unexpected = [k for k in tensors if k not in expected and "rotary_emb" not in k and k not in optional]
     if unexpected:
         raise InputError(f"{source}: unexpected tensors {unexpected[:5]} (is this the right architecture?)")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items() if k in expected}
+    state = {name: tensors.pop(name).to(device=device, dtype=dtype) for name in tensors if name in expected}
     module.load_state_dict(state, strict=False, assign=True)
 
 
@@ -547,7 +591,7 @@ def load_model(path_or_hub_id, dtype=torch.float32, device="cpu", check=True) ->
         model = CausalLM(config)
     tensors = read_safetensors_dir(model_dir)
     if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)  # some checkpoints store the tied copy; the embedding is the truth
+        tensors.discard("lm_head.weight")  # some checkpoints store the tied copy; the embedding is the truth
     load_weights(model, tensors, model_dir, dtype, device, optional=("lm_head.weight",))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

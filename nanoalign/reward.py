@@ -183,10 +183,10 @@ class LocalRewardModel:
                              f"(expected one of {SEQ_CLS_ARCHITECTURES})")
         self.config = ModelConfig.from_hf(d, source=str(model_dir / "config.json"))
         tensors = read_safetensors_dir(model_dir)
-        tensors.pop("lm_head.weight", None)
+        tensors.discard("lm_head.weight")
         if "score.weight" not in tensors:
             raise InputError(f"{model_dir}: no 'score.weight' tensor (not a sequence-classification checkpoint?)")
-        num_labels = tensors["score.weight"].shape[0]
+        num_labels = tensors.shape["score.weight"][0]
         if num_labels != 1:
             raise InputError(f"{model_dir}: score head has {num_labels} labels; a scalar reward model has 1")
         with torch.device("meta"):
