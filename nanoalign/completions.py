@@ -30,10 +30,13 @@ def parse_completion(body: bytes) -> tuple[str, int, bool]:
     try:
         reply = json.loads(body)
         choice = reply["choices"][0]
-        return str(choice["text"]), int(reply["usage"]["completion_tokens"]), choice["finish_reason"] == "stop"
+        text, n_tokens, reason = choice["text"], reply["usage"]["completion_tokens"], choice["finish_reason"]
+        if isinstance(text, str) and type(n_tokens) is int and n_tokens >= 0 and isinstance(reason, str):
+            return text, n_tokens, reason == "stop"  # (a null text or a count of -3 or "7" is no completion)
     except (ValueError, KeyError, IndexError, TypeError):
-        raise ValueError(f"no completion in the reply (choices[0].text, finish_reason, usage.completion_tokens): "
-                         f"{body[:300].decode('utf-8', 'replace')!r}") from None
+        pass
+    raise ValueError(f"no completion in the reply (choices[0].text, finish_reason, usage.completion_tokens >= 0): "
+                     f"{body[:300].decode('utf-8', 'replace')!r}")
 
 
 # what a policy_cache.jsonl row holds, as parse_completion returns it for a fresh reply; any other row (another

@@ -26,14 +26,18 @@ def write_jsonl(path, rows):
     return path
 
 
-def read_json(path):
-    """One JSON document (config.json and the like); malformed JSON is an error naming the file and line."""
+def read_json(path) -> dict:
+    """One JSON object (config.json and the like); malformed JSON, or a document that is no object (a list, a
+    string), is an error naming the file (and line)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a JSON object {{...}}, found {type(obj).__name__} {json.dumps(obj)[:60]}")
+    return obj
 
 
 def write_json(path, obj):

@@ -238,3 +238,19 @@ def test_a_name_that_looks_like_a_path_is_never_sent_to_the_hub(tmp_path, monkey
     assert str(error.value) == ("model dir not found: someone/some-model is no local dir, and as a hub id: OSError: "
                                 "offline mode is enabled and it is not in the cache")
     assert asked == ["someone/some-model"]
+
+
+def test_a_completion_reply_with_a_count_that_is_no_count_is_no_completion():
+    """parse_completion took a negative, fractional or quoted usage.completion_tokens and a null text ("None") as a
+    fresh answer (the policy cache already refused them when read back)."""
+    from nanoalign.completions import parse_completion
+
+    def reply(text="hi", n=2, reason="stop"):
+        return json.dumps({"choices": [{"text": text, "finish_reason": reason}],
+                           "usage": {"completion_tokens": n}}).encode()
+    assert parse_completion(reply()) == ("hi", 2, True)
+    assert parse_completion(reply(n=0, reason="length")) == ("hi", 0, False)
+    for bad in (reply(n=-3), reply(n=2.5), reply(n="7"), reply(n=True), reply(n=None), reply(text=None),
+                reply(reason=None), b"[]", b"{}"):
+        with pytest.raises(ValueError, match="^no completion in the reply"):
+            parse_completion(bad)

@@ -418,10 +418,12 @@ def test_what_the_scripts_meet_after_parsing_is_one_line(toy_setup, tmp_path):
     commands run side by side. A cut tokenizer_config.json (the chat template's file) was a JSONDecodeError; --device
     cuda without a GPU `no attribute '_cuda_setDevice'`, --device gpu0 `Invalid device string`; --max-new-tokens
     1000000000 a 1.6 TB KV cache (`can't allocate`); --temperature 0 with --num-samples 3 exit 0, every sample the same
-    answer and no pair."""
+    answer and no pair. Later: a tokenizer_config.json holding a JSON list; --num-samples 1 (no pair can form)."""
     model = shutil.copytree(toy_setup.model, tmp_path / "model")
     config = model / "tokenizer_config.json"
     config.write_text(config.read_text()[:40])
+    listed = shutil.copytree(toy_setup.model, tmp_path / "model_listed")
+    (listed / "tokenizer_config.json").write_text("[1, 2]\n")  # JSON, but no object: was AttributeError 'list'
     prompts = ("--prompts", toy_setup.sft, "--max-prompts", 2, "--reward", "toy", "--max-new-tokens", 4, *FP32)
     evaluate = ("eval_winrate.py", "--model-b", toy_setup.model, *prompts)
     runs = {"cut": (*evaluate, "--model-a", model),
@@ -429,7 +431,9 @@ def test_what_the_scripts_meet_after_parsing_is_one_line(toy_setup, tmp_path):
             "cuda": ("train_dpo.py", "--model", toy_setup.model, "--data", toy_setup.prefs, *FP32, "--device", "cuda"),
             "gpu0": ("gen_synthetic.py", "--model", toy_setup.model, *prompts, "--device", "gpu0"),
             "greedy": ("gen_synthetic.py", "--model", toy_setup.model, *prompts, "--temperature", 0,
-                       "--num-samples", 3)}
+                       "--num-samples", 3),
+            "listed": (*evaluate, "--model-a", listed),
+            "single": ("gen_synthetic.py", "--model", toy_setup.model, *prompts, "--num-samples", 1)}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # no GPU, on any machine
     procs = {case: subprocess.Popen([sys.executable, *map(str, argv), "--out", tmp_path / case], cwd=ROOT, env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -445,7 +449,11 @@ def test_what_the_scripts_meet_after_parsing_is_one_line(toy_setup, tmp_path):
     assert seen["gpu0"] == (1, "error: --device 'gpu0' is not a device (e.g. cpu, cuda, cuda:1)"), seen
     assert seen["greedy"] == (2, "gen_synthetic.py: error: --temperature 0 with --num-samples 3: greedy decoding "
                                  "gives every sample of a prompt the same answer, so no pair could form"), seen
-    assert not any((tmp_path / case).exists() for case in ("cuda", "gpu0", "greedy"))  # refused before any work
+    assert seen["listed"] == (1, f"error: {listed / 'tokenizer_config.json'}: expected a JSON object {{...}}, "
+                                 f"found list [1, 2]"), seen
+    assert seen["single"] == (2, "gen_synthetic.py: error: --num-samples 1: a pair is the best and the worst of a "
+                                 "prompt's samples, so it takes 2 or more"), seen  # was exit 0 and no pair, ever
+    assert not any((tmp_path / case).exists() for case in ("cuda", "gpu0", "greedy", "single"))  # before any work
 
 
 # -----------------------------------------------------------------------------
