@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from nanoalign.errors import InputError
@@ -482,11 +482,11 @@ class StoredTensors:
     mapped beside its fp32 copy was half the model again), and nothing keeps the file's pages resident."""
 
     def __init__(self, files):
-        self.file, self.shape = {}, {}
+        self.file, self.shape = {}, {}  # name -> (path, its file opened once: a pread handle holds a descriptor)
         for path in files:
-            with open_safetensors(path) as f:
-                for name in f.keys():
-                    self.file[name], self.shape[name] = path, tuple(f.get_slice(name).get_shape())
+            f = open_safetensors(path)
+            for name in f.keys():
+                self.file[name], self.shape[name] = (path, f), tuple(f.get_slice(name).get_shape())
 
     def __contains__(self, name):
         return name in self.file
@@ -501,13 +501,12 @@ class StoredTensors:
 
     def pop(self, name):
         """The tensor, read now; afterwards it is no longer here."""
-        path = self.file.pop(name)
+        path, f = self.file.pop(name)
         del self.shape[name]
-        with open_safetensors(path) as f:
-            try:
-                return f.get_tensor(name)
-            except Exception as e:  # SafetensorError: the file was cut or changed since it was opened
-                raise InputError(f"{path}: tensor {name!r} is unreadable, truncated or damaged? ({e})") from None
+        try:
+            return f.get_tensor(name)
+        except Exception as e:  # SafetensorError: the file was cut or changed since it was opened
+            raise InputError(f"{path}: tensor {name!r} is unreadable, truncated or damaged? ({e})") from None
 
 
 def open_safetensors(path):
@@ -520,11 +519,9 @@ def open_safetensors(path):
 
 
 def read_safetensors(path) -> dict:
-    """load_file, with a truncated or foreign file named in one line instead of a SafetensorError."""
-    try:
-        return load_file(str(path))
-    except Exception as e:  # SafetensorError: header too small / incomplete metadata / invalid JSON in header
-        raise InputError(f"{path}: not a readable safetensors file, truncated or damaged? ({e})") from None
+    """All tensors of one safetensors file (an adapter's), a truncated or foreign file named in one line."""
+    tensors = StoredTensors([path])
+    return {name: tensors.pop(name) for name in tensors}
 
 
 def check_vocab(tokenizer_size: int, config: ModelConfig, tokenizer_name, model_name):
