@@ -179,16 +179,13 @@ def test_hub_id_goes_through_snapshot_download(hf_model_dir, monkeypatch):
         load_model("./missing/dir")  # a path that does not exist is never sent to the hub
 
 
-LOAD_RSS = """import re, sys, torch
+LOAD_RSS = """import sys, torch
 from pathlib import Path
 from nanoalign.model import load_model
-def mib(field):
-    return int(re.search(field + r':\\s+(\\d+) kB', Path('/proc/self/status').read_text()).group(1)) / 1024
+from tests.fixtures import peak_rss_rise
 load_model(sys.argv[2])  # a tiny model first: the first load's own one-time costs (~77 MiB) are not the weights
-Path('/proc/self/clear_refs').write_text('5')  # VmHWM from here
-before = mib('VmRSS')
-model = load_model(sys.argv[1], dtype=torch.float32)
-print(mib('VmHWM') - before, 'model.safetensors' in Path('/proc/self/maps').read_text())
+rise, model = peak_rss_rise(lambda: load_model(sys.argv[1], dtype=torch.float32))
+print(rise / 2**20, 'model.safetensors' in Path('/proc/self/maps').read_text())
 """
 
 
