@@ -268,8 +268,8 @@ def _files_stamp(path):
     path = Path(path)
     found = [path] if path.is_file() else sorted(
         f for f in path.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
-    listing = [(f.relative_to(path).as_posix() if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns)
-               for f in found]
+    listing = [(f.relative_to(path).as_posix() if f != path else f.name, st.st_size, st.st_mtime_ns)
+               for f in found for st in [f.stat()]]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 

@@ -496,17 +496,18 @@ def save_train_state(ckpt_dir, optimizer, scaler, step, sharded=False, **extra):
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", 0))
+
+    def state(rng):
+        return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": rng, **extra}
     if sharded:
-        torch_save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                    "rng": rng_state(), **extra}, ckpt_dir / f"train_state_rank{rank}.pt")
+        torch_save(state(rng_state()), ckpt_dir / f"train_state_rank{rank}.pt")
         return
     rngs = [rng_state()]
     if dist.is_available() and dist.is_initialized():
         rngs = [None] * dist.get_world_size()
         dist.all_gather_object(rngs, rng_state())
     if rank == 0:
-        torch_save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                    "rng": rngs, **extra}, ckpt_dir / TRAIN_STATE)
+        torch_save(state(rngs), ckpt_dir / TRAIN_STATE)
 
 
 def load_train_state(ckpt_dir, optimizer, scaler, sharded=False):
