@@ -94,7 +94,7 @@ args = parser.parse_args()
 one_line_errors(RewardServerError, PolicyServerError, RewardError)
 if args.num_samples == 1:
     parser.error("--num-samples 1: a pair is the best and the worst of a prompt's samples, so it takes 2 or more")
-if args.num_samples > 1 and (args.temperature == 0 or args.top_k == 1):
+if args.temperature == 0 or args.top_k == 1:
     parser.error(f"{'--temperature 0' if args.temperature == 0 else '--top-k 1'} with --num-samples "
                  f"{args.num_samples}: greedy decoding gives every sample of a prompt the same answer, so no pair "
                  f"could form")
